@@ -1,0 +1,371 @@
+"""Hugging Face checkpoints in and out: safetensors (single or sharded) and pytorch_model.bin.
+
+Import streams one tensor at a time: safetensors files are memory-mapped and parsed here
+(no torch needed, bf16 included); `.bin` files go through
+`torch.load(mmap=True, weights_only=True)`. Each target parameter is assembled on the host
+in its final dtype (per-layer tensors written into one stacked buffer), placed on its
+devices with its sharding, and released before the next one, so a 51.7 GB fp32 mt5-xxl
+`.bin` (encoder, decoder and lm_head) never needs a second full copy in memory.
+
+HF name -> parameter path (kernels are the transpose of torch's `weight`):
+
+    shared.weight | encoder.embed_tokens.weight              -> encoder/token_embedder/embedding
+    encoder.block.0.layer.0.SelfAttention.relative_attention_bias.weight
+                                                             -> encoder/relpos_bias/embedding
+    encoder.block.{i}.layer.0.layer_norm.weight              -> encoder/layers/attention_norm/scale[i]
+    encoder.block.{i}.layer.0.SelfAttention.{q,k,v,o}.weight -> encoder/layers/attention/{q,k,v,o}/kernel[i]
+    encoder.block.{i}.layer.1.layer_norm.weight              -> encoder/layers/mlp_norm/scale[i]
+    encoder.block.{i}.layer.1.DenseReluDense.{wi,wi_0,wi_1,wo}.weight
+                                                             -> encoder/layers/mlp/{...}/kernel[i]
+    encoder.final_layer_norm.weight                          -> encoder/final_norm/scale
+
+`decoder.*` and `lm_head.*` are skipped and counted in the log.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import mmap
+import os
+import pathlib
+import struct
+from typing import Any, Callable, Iterator, Optional
+
+import jax
+import jax.numpy as jnp
+import ml_dtypes
+import numpy as np
+from flax import nnx
+
+from mst5_jax.config import EncoderConfig
+from mst5_jax.model import SentenceModel, abstract_model, path_str
+
+log = logging.getLogger(__name__)
+
+SAFETENSORS = "model.safetensors"
+SAFETENSORS_INDEX = "model.safetensors.index.json"
+TORCH_BIN = "pytorch_model.bin"
+TORCH_BIN_INDEX = "pytorch_model.bin.index.json"
+
+_ST_DTYPES = {
+    "F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": ml_dtypes.bfloat16,
+    "I64": np.int64, "I32": np.int32, "I16": np.int16, "I8": np.int8, "U8": np.uint8, "BOOL": np.bool_,
+}
+_ST_NAMES = {np.dtype(v): k for k, v in _ST_DTYPES.items()}
+
+
+class CheckpointError(ValueError):
+    """A checkpoint file is missing, malformed, or does not match the config."""
+
+
+# ---------------------------------------------------------------------- locating files
+def resolve_model_dir(path: str | os.PathLike, allow_patterns: Optional[list[str]] = None) -> pathlib.Path:
+    """A local directory as is, or a hub id downloaded to the HF cache (needs the network)."""
+    p = pathlib.Path(path).expanduser()
+    if p.is_dir():
+        return p
+    if p.exists():
+        raise CheckpointError(f"{p}: expected a model directory, got a file")
+    name = str(path)
+    if name.startswith((".", "/", "~")) or name.count("/") != 1:
+        raise CheckpointError(f"{name}: no such directory (and not a hub id of the form owner/name)")
+    try:
+        from huggingface_hub import snapshot_download
+        return pathlib.Path(snapshot_download(name, allow_patterns=allow_patterns or [
+            "*.json", "*.model", "*.safetensors", "pytorch_model.bin", "*.txt", "1_Pooling/*", "2_Dense/*"]))
+    except Exception as e:  # offline, unknown repo, auth
+        raise CheckpointError(f"{name}: not a local directory, and the hub download failed: {e}") from e
+
+
+def weight_files(model_dir: pathlib.Path) -> tuple[str, list[pathlib.Path]]:
+    """("safetensors" | "bin", files) for a directory, preferring safetensors."""
+    d = pathlib.Path(model_dir)
+    if (d / SAFETENSORS).is_file():
+        return "safetensors", [d / SAFETENSORS]
+    for index_name, kind in ((SAFETENSORS_INDEX, "safetensors"), (TORCH_BIN_INDEX, "bin")):
+        index = d / index_name
+        if index.is_file():
+            try:
+                weight_map = json.loads(index.read_text())["weight_map"]
+            except (json.JSONDecodeError, KeyError) as e:
+                raise CheckpointError(f"{index}: not a valid shard index ({e})") from e
+            files = []
+            for shard in sorted(set(weight_map.values())):
+                if "/" in shard or "\\" in shard or shard in ("..", ".") or not shard:
+                    raise CheckpointError(f"{index}: shard name {shard!r} must be a plain file name")
+                f = d / shard
+                if not f.is_file():
+                    raise CheckpointError(f"{index}: shard {shard} is missing from {d}")
+                files.append(f)
+            return kind, files
+    if (d / TORCH_BIN).is_file():
+        return "bin", [d / TORCH_BIN]
+    raise CheckpointError(
+        f"{d}: no weights found (looked for {SAFETENSORS}, {SAFETENSORS_INDEX}, {TORCH_BIN}, {TORCH_BIN_INDEX})")
+
+
+# ---------------------------------------------------------------------- tensor readers
+class SafetensorsFile:
+    """A memory-mapped safetensors file; `get(name)` returns a zero-copy numpy view."""
+
+    def __init__(self, path: pathlib.Path):
+        self.path = path
+        self._file = open(path, "rb")
+        try:
+            (n,) = struct.unpack("<Q", self._file.read(8))
+            header = json.loads(self._file.read(n))
+        except (struct.error, json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise CheckpointError(f"{path}: not a safetensors file ({e})") from e
+        header.pop("__metadata__", None)
+        self.header = header
+        self._offset = 8 + n
+        self._mmap = mmap.mmap(self._file.fileno(), 0, access=mmap.ACCESS_READ) if os.path.getsize(path) else None
+
+    def keys(self) -> list[str]:
+        return list(self.header)
+
+    def get(self, name: str) -> np.ndarray:
+        info = self.header[name]
+        if info["dtype"] not in _ST_DTYPES:
+            raise CheckpointError(f"{self.path}: tensor {name} has unsupported dtype {info['dtype']}")
+        begin, end = info["data_offsets"]
+        dtype = np.dtype(_ST_DTYPES[info["dtype"]])
+        count = int(np.prod(info["shape"])) if info["shape"] else 1
+        if end - begin != count * dtype.itemsize:
+            raise CheckpointError(f"{self.path}: tensor {name} byte size does not match shape {info['shape']}")
+        arr = np.frombuffer(self._mmap, dtype=dtype, count=count, offset=self._offset + begin)
+        return arr.reshape(info["shape"])
+
+    def close(self):
+        if self._mmap is not None:
+            self._mmap.close()
+        self._file.close()
+
+
+class TensorSource:
+    """Random access to the tensors of an HF weights directory, one tensor at a time."""
+
+    def __init__(self, model_dir: pathlib.Path):
+        self.kind, self.files = weight_files(model_dir)
+        self._where: dict[str, Any] = {}
+        self._handles = []
+        for f in self.files:
+            if self.kind == "safetensors":
+                h = SafetensorsFile(f)
+                for k in h.keys():
+                    self._where[k] = h
+            else:
+                import torch  # only to read .bin files
+
+                try:
+                    h = torch.load(f, map_location="cpu", mmap=True, weights_only=True)
+                except Exception as e:
+                    raise CheckpointError(f"{f}: could not read as a torch state dict ({e})") from e
+                if not isinstance(h, dict):
+                    raise CheckpointError(f"{f}: expected a state dict, got {type(h).__name__}")
+                for k in h:
+                    self._where[k] = h
+            self._handles.append(h)
+
+    def keys(self) -> list[str]:
+        return list(self._where)
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._where
+
+    def get(self, name: str) -> np.ndarray:
+        h = self._where[name]
+        if isinstance(h, SafetensorsFile):
+            return h.get(name)
+        t = h[name]
+        import torch
+
+        if t.dtype == torch.bfloat16:
+            return t.view(torch.int16).numpy().view(ml_dtypes.bfloat16)
+        return t.numpy()
+
+    def close(self):
+        for h in self._handles:
+            if isinstance(h, SafetensorsFile):
+                h.close()
+        self._handles.clear()
+        self._where.clear()
+
+
+# ---------------------------------------------------------------------- name mapping
+_FFN_NAMES = ("wi", "wi_0", "wi_1", "wo")
+
+
+def hf_names(cfg: EncoderConfig) -> dict[str, list[tuple[str, bool]]]:
+    """Parameter path -> list of (HF tensor name, transpose), one per layer for stacked params."""
+    layers = range(cfg.num_layers)
+    blk = "encoder.block.{}.layer.{}"
+    m: dict[str, list[tuple[str, bool]]] = {
+        "encoder/token_embedder/embedding": [("shared.weight", False)],
+        "encoder/relpos_bias/embedding": [("encoder.block.0.layer.0.SelfAttention.relative_attention_bias.weight", False)],
+        "encoder/final_norm/scale": [("encoder.final_layer_norm.weight", False)],
+        "encoder/layers/attention_norm/scale": [(blk.format(i, 0) + ".layer_norm.weight", False) for i in layers],
+        "encoder/layers/mlp_norm/scale": [(blk.format(i, 1) + ".layer_norm.weight", False) for i in layers],
+    }
+    for p in "qkvo":
+        m[f"encoder/layers/attention/{p}/kernel"] = [
+            (blk.format(i, 0) + f".SelfAttention.{p}.weight", True) for i in layers]
+    for f in (("wi_0", "wi_1", "wo") if cfg.gated else ("wi", "wo")):
+        m[f"encoder/layers/mlp/{f}/kernel"] = [(blk.format(i, 1) + f".DenseReluDense.{f}.weight", True) for i in layers]
+    return m
+
+
+_ALIASES = {"shared.weight": ("encoder.embed_tokens.weight",)}
+
+
+def _skipped(name: str) -> bool:
+    return name.startswith(("decoder.", "lm_head."))
+
+
+# ---------------------------------------------------------------------- import
+def load_hf_weights(
+    model_dir: str | os.PathLike,
+    cfg: EncoderConfig,
+    shardings: Optional[dict[str, jax.sharding.Sharding]] = None,
+    extra: Optional[dict[str, tuple[str, bool]]] = None,
+) -> SentenceModel:
+    """Builds a `SentenceModel` from the weights in `model_dir`, in `cfg.param_dtype`.
+
+    Args:
+      model_dir: an HF directory (see `weight_files`).
+      cfg: the architecture; every shape is checked against it.
+      shardings: optional parameter path -> sharding; default is the first device.
+      extra: extra parameter path -> (tensor name, transpose) read from the same files
+        (used for a sentence-transformers projection stored in its own file).
+    Returns:
+      The model, with every parameter placed and no host copy kept.
+    """
+    model_dir = pathlib.Path(model_dir)
+    source = TensorSource(model_dir)
+    try:
+        abstract = abstract_model(cfg)
+        graphdef, state = nnx.split(abstract)
+        names = hf_names(cfg)
+        used: set[str] = set()
+        flat = dict((path_str(p), (p, v)) for p, v in nnx.to_flat_state(state))
+        target_dtype = np.dtype(ml_dtypes.bfloat16) if cfg.param_dtype == "bfloat16" else np.dtype(np.float32)
+        leaves = {}
+        for name, (path, var) in flat.items():
+            if name == "projection/kernel":
+                continue
+            shape = tuple(var.get_value().shape)
+            entries = names.get(name)
+            if entries is None:
+                raise CheckpointError(f"{model_dir}: no HF tensor mapping for parameter {name}")
+            host = np.empty(shape, target_dtype)
+            stacked = len(entries) > 1 or name.startswith("encoder/layers/")
+            for i, (tname, transpose) in enumerate(entries):
+                tname = _find(source, tname, model_dir)
+                used.add(tname)
+                t = source.get(tname)
+                t = t.T if transpose else t
+                want = shape[1:] if stacked else shape
+                if tuple(t.shape) != tuple(want):
+                    raise CheckpointError(
+                        f"{model_dir}: tensor {tname} has shape {tuple(t.shape)[::-1] if transpose else tuple(t.shape)}, "
+                        f"expected {tuple(want)[::-1] if transpose else tuple(want)} for config "
+                        f"(d_model={cfg.d_model}, d_ff={cfg.d_ff}, heads={cfg.num_heads}, d_kv={cfg.d_kv}, "
+                        f"vocab={cfg.vocab_size})")
+                if stacked:
+                    host[i] = t.astype(target_dtype)
+                else:
+                    host[...] = t.astype(target_dtype)
+                del t
+            leaves[name] = _place(host, (shardings or {}).get(name))
+            del host
+        for name, (tname, transpose) in (extra or {}).items():
+            t = source.get(_find(source, tname, model_dir))
+            leaves[name] = _place(np.ascontiguousarray((t.T if transpose else t).astype(target_dtype)),
+                                  (shardings or {}).get(name))
+        missing = [n for n in flat if n not in leaves]
+        if missing:
+            raise CheckpointError(f"{model_dir}: no tensor found for parameters {missing}")
+        skipped = [k for k in source.keys() if _skipped(k)]
+        unused = [k for k in source.keys() if k not in used and not _skipped(k)
+                  and k not in ("encoder.embed_tokens.weight", "shared.weight")
+                  and "relative_attention_bias" not in k]
+        log.info("loaded %d encoder tensors from %s (%s); skipped %d decoder/lm_head tensors",
+                 len(used), model_dir, source.kind, len(skipped))
+        if unused:
+            log.warning("%s: %d tensors were not used: %s", model_dir, len(unused), unused[:5])
+        for name, (path, var) in flat.items():
+            var.set_value(leaves[name])
+        return nnx.merge(graphdef, state)
+    finally:
+        source.close()
+
+
+def _find(source: TensorSource, name: str, model_dir) -> str:
+    if name in source:
+        return name
+    for alias in _ALIASES.get(name, ()):
+        if alias in source:
+            return alias
+    raise CheckpointError(f"{model_dir}: tensor {name} is missing" +
+                          (f" (also looked for {', '.join(_ALIASES[name])})" if name in _ALIASES else ""))
+
+
+def _place(host: np.ndarray, sharding: Optional[jax.sharding.Sharding]) -> jax.Array:
+    if sharding is None:
+        return jax.device_put(host)
+    return jax.make_array_from_callback(host.shape, sharding, lambda idx: host[idx])
+
+
+# ---------------------------------------------------------------------- export
+def hf_state_dict(model: SentenceModel, dtype: Optional[str] = None) -> Iterator[tuple[str, np.ndarray]]:
+    """Yields (HF name, numpy array) for the encoder, one tensor at a time (kernels transposed)."""
+    cfg = model.cfg
+    flat = {path_str(p): v for p, v in nnx.to_flat_state(nnx.state(model, nnx.Param))}
+    for name, entries in hf_names(cfg).items():
+        value = np.asarray(jax.device_get(flat[name].get_value()))
+        if dtype is not None:
+            value = value.astype(np.float32 if dtype == "float32" else ml_dtypes.bfloat16)
+        stacked = len(entries) > 1 or name.startswith("encoder/layers/")
+        for i, (tname, transpose) in enumerate(entries):
+            t = value[i] if stacked else value
+            yield tname, np.ascontiguousarray(t.T if transpose else t)
+
+
+def write_safetensors(path: str | os.PathLike, tensors: Iterator[tuple[str, np.ndarray]],
+                      metadata: Optional[dict[str, str]] = None) -> None:
+    """Writes a safetensors file atomically (temporary file, fsync, rename)."""
+    path = pathlib.Path(path)
+    items = list(tensors)
+    header: dict[str, Any] = {}
+    offset = 0
+    for name, arr in items:
+        if np.dtype(arr.dtype) not in _ST_NAMES:
+            raise CheckpointError(f"cannot write tensor {name} of dtype {arr.dtype} to safetensors")
+        header[name] = {"dtype": _ST_NAMES[np.dtype(arr.dtype)], "shape": list(arr.shape),
+                        "data_offsets": [offset, offset + arr.nbytes]}
+        offset += arr.nbytes
+    if metadata:
+        header["__metadata__"] = metadata
+    blob = json.dumps(header, separators=(",", ":")).encode()
+    blob += b" " * (-len(blob) % 8)
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as f:
+        f.write(struct.pack("<Q", len(blob)))
+        f.write(blob)
+        for _, arr in items:
+            f.write(np.ascontiguousarray(arr).tobytes())
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def save_hf(model: SentenceModel, out_dir: str | os.PathLike, dtype: Optional[str] = None) -> pathlib.Path:
+    """Writes `config.json` + `model.safetensors` that `MT5EncoderModel.from_pretrained` loads."""
+    out = pathlib.Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    cfg = model.cfg
+    hf = cfg.to_hf_dict()
+    hf["torch_dtype"] = dtype or cfg.param_dtype
+    (out / "config.json").write_text(json.dumps(hf, indent=2) + "\n")
+    write_safetensors(out / SAFETENSORS, hf_state_dict(model, dtype), metadata={"format": "pt"})
+    return out
