@@ -57,6 +57,14 @@ class LoRAParam(nnx.Param):
     """A LoRA factor. Trainable in LoRA mode; everything else of type `nnx.Param` is frozen."""
 
 
+class LoRAScale(nnx.Variable):
+    """The LoRA scaling (alpha/r or alpha/sqrt(r)) of one Linear, per layer when stacked.
+
+    Not a parameter: never trained, never given to the optimizer. A layer whose scale is 0
+    has no adapter (per-layer selection in a stacked layout).
+    """
+
+
 def _dtype(name: str):
     return jnp.dtype(name)
 
@@ -98,8 +106,8 @@ class Linear(nnx.Module):
     """Bias-free dense layer, kernel [in, out], with optional LoRA factors.
 
     When `lora_a` [in, r] and `lora_b` [r, out] are present (set by `mst5_jax.lora`),
-    y = x W + (dropout(x) A B) * lora_scaling, computed as peft does: dropout acts only on
-    the input of A, and the LoRA path runs in the compute dtype.
+    y = x W + (dropout(x) A B) * lora_scale, as peft computes it: dropout acts only on the
+    input of A. The LoRA path runs in the compute dtype.
     """
 
     def __init__(self, d_in: int, d_out: int, axes: tuple[str, str], cfg: EncoderConfig, std: float, rngs: nnx.Rngs):
@@ -107,9 +115,10 @@ class Linear(nnx.Module):
         self.axes = axes
         init = jax.random.normal(rngs.params(), (d_in, d_out), jnp.float32) * std
         self.kernel = nnx.Param(init.astype(_dtype(cfg.param_dtype)), logical_axes=axes)
-        self.lora_a: Optional[LoRAParam] = None
-        self.lora_b: Optional[LoRAParam] = None
-        self.lora_scaling = 0.0
+        # Declared as data (not static) so `mst5_jax.lora` can attach variables later.
+        self.lora_a: Optional[LoRAParam] = nnx.data(None)
+        self.lora_b: Optional[LoRAParam] = nnx.data(None)
+        self.lora_scale: Optional[LoRAScale] = nnx.data(None)
         self.lora_dropout = 0.0
 
     def __call__(self, x: Array, lora_dropout_key: Optional[Array] = None) -> Array:
@@ -119,7 +128,8 @@ class Linear(nnx.Module):
             xl = dropout(x, self.lora_dropout, lora_dropout_key)
             a = self.lora_a[...].astype(self.dtype)
             b = self.lora_b[...].astype(self.dtype)
-            y = y + (jnp.dot(jnp.dot(xl, a, precision=prec), b, precision=prec) * self.lora_scaling).astype(y.dtype)
+            scale = self.lora_scale[...].astype(self.dtype)
+            y = y + jnp.dot(jnp.dot(xl, a, precision=prec), b, precision=prec) * scale
         return y
 
 

@@ -24,7 +24,13 @@ def hf_config(vocab_size=512, d_model=32, d_ff=64, num_heads=4, d_kv=8, num_laye
 
 
 def random_encoder(config, seed: int = 0, norm_jitter: bool = True):
-    """An `MT5EncoderModel`/`T5EncoderModel` with every weight random (norm scales too), fp32, eval mode."""
+    """An `MT5EncoderModel`/`T5EncoderModel` with random weights, fp32, eval mode.
+
+    Weights follow HF's own T5 initialisation (so activations stay in a realistic range),
+    and the parts that initialisation leaves trivial are randomised too: RMS norm scales
+    (1 + 0.2 N(0,1)) and the relative-position bias (0.5 N(0,1)), so that a bug in either
+    cannot hide.
+    """
     import torch
     import transformers
 
@@ -33,13 +39,10 @@ def random_encoder(config, seed: int = 0, norm_jitter: bool = True):
     model = cls(config).float().eval()
     with torch.no_grad():
         for name, p in model.named_parameters():
-            if "layer_norm" in name:
-                p.copy_(1.0 + 0.2 * torch.randn_like(p) if norm_jitter else torch.ones_like(p))
+            if "layer_norm" in name and norm_jitter:
+                p.copy_(1.0 + 0.2 * torch.randn_like(p))
             elif "relative_attention_bias" in name:
-                p.copy_(torch.randn_like(p))
-            else:
-                fan_in = p.shape[-1] if p.ndim == 2 and "embed" not in name and "shared" not in name else 1
-                p.copy_(torch.randn_like(p) / np.sqrt(fan_in))
+                p.copy_(0.5 * torch.randn_like(p))
     return model
 
 
