@@ -136,9 +136,24 @@ class SafetensorsFile:
         arr = np.frombuffer(self._mmap, dtype=dtype, count=count, offset=self._offset + begin)
         return arr.reshape(info["shape"])
 
+    def release(self, name: str) -> None:
+        """Drops the pages of one tensor from memory (they are re-read from disk if needed)."""
+        if self._mmap is None or not hasattr(mmap, "MADV_DONTNEED"):
+            return
+        begin, end = self.header[name]["data_offsets"]
+        page = mmap.PAGESIZE
+        start = (self._offset + begin) // page * page
+        try:
+            self._mmap.madvise(mmap.MADV_DONTNEED, start, self._offset + end - start)
+        except (OSError, ValueError):
+            pass
+
     def close(self):
         if self._mmap is not None:
-            self._mmap.close()
+            try:
+                self._mmap.close()
+            except BufferError:  # a view is still referenced (e.g. by a traceback); GC unmaps it
+                pass
         self._file.close()
 
 
@@ -183,6 +198,11 @@ class TensorSource:
         if t.dtype == torch.bfloat16:
             return t.view(torch.int16).numpy().view(ml_dtypes.bfloat16)
         return t.numpy()
+
+    def release(self, name: str) -> None:
+        h = self._where.get(name)
+        if isinstance(h, SafetensorsFile):
+            h.release(name)
 
     def close(self):
         for h in self._handles:
@@ -271,11 +291,9 @@ def load_hf_weights(
                         f"expected {tuple(want)[::-1] if transpose else tuple(want)} for config "
                         f"(d_model={cfg.d_model}, d_ff={cfg.d_ff}, heads={cfg.num_heads}, d_kv={cfg.d_kv}, "
                         f"vocab={cfg.vocab_size})")
-                if stacked:
-                    host[i] = t.astype(target_dtype)
-                else:
-                    host[...] = t.astype(target_dtype)
+                np.copyto(host[i] if stacked else host, t, casting="unsafe")
                 del t
+                source.release(tname)
             leaves[name] = _place(host, (shardings or {}).get(name))
             del host
         for name, (tname, transpose) in (extra or {}).items():
