@@ -1,0 +1,122 @@
+"""Which SentencePiece vocabulary the data pipeline uses (CONTRACT §4).
+
+In order: the ``MST5_VOCAB`` environment variable (a path or ``gs://`` URL of a
+SentencePiece model; gin can pass one explicitly to `tasks.configure`), else a small
+SentencePiece model trained on the local XNLI training text (the XTREME
+``xnli/test-*.tsv`` files, which offline runs train on) and cached in the git-ignored
+``<repo>/.cache/vocab/<sha256 of those files>/spiece.model``. The cached model exists
+because no pretrained mT5 vocabulary is on hand offline; it has the mT5 id layout
+(pad 0, EOS 1, unk 2, no BOS) so everything downstream is unchanged when the real
+250k mT5 vocabulary is used instead.
+"""
+from __future__ import annotations
+
+import csv
+import hashlib
+import io
+import logging
+import os
+import pathlib
+import tempfile
+from typing import Iterator, Optional
+
+log = logging.getLogger(__name__)
+
+ENV_VAR = "MST5_VOCAB"
+REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
+DEFAULT_CACHE_ROOT = REPO_ROOT / ".cache" / "vocab"
+# Small and quick: the CPU demo trains on it. 8000 pieces cover the 15 XNLI scripts.
+VOCAB_SIZE = 8000
+INPUT_SENTENCE_SIZE = 50_000  # of ~100k distinct sentences: ~15 s on 2 busy cores
+CHARACTER_COVERAGE = 0.9995
+
+
+def xnli_training_files(data_dir: str | os.PathLike) -> list[pathlib.Path]:
+    """The local XNLI training text: ``test-<lang>.tsv`` under `data_dir` or `data_dir`/xnli."""
+    root = pathlib.Path(data_dir)
+    for d in (root / "xnli", root):
+        files = sorted(d.glob("test-*.tsv"))
+        if files:
+            return files
+    return []
+
+
+def files_sha256(files: list[pathlib.Path]) -> str:
+    """sha256 over the names and bytes of `files`, in the given order."""
+    h = hashlib.sha256()
+    for f in files:
+        h.update(f.name.encode("utf-8") + b"\0")
+        with open(f, "rb") as fh:
+            for chunk in iter(lambda: fh.read(1 << 20), b""):
+                h.update(chunk)
+        h.update(b"\0")
+    return h.hexdigest()
+
+
+def _sentences(files: list[pathlib.Path]) -> Iterator[str]:
+    """Distinct premises and hypotheses, in file order (XNLI repeats each premise 3 times)."""
+    seen: set[str] = set()
+    for f in files:
+        with open(f, encoding="utf-8", errors="replace", newline="") as fh:
+            for row in csv.reader(fh, delimiter="\t"):
+                for text in row[:2]:
+                    if text and text not in seen:
+                        seen.add(text)
+                        yield text
+
+
+def train_sentencepiece(files: list[pathlib.Path], out_path: pathlib.Path, *,
+                        vocab_size: Optional[int] = None) -> pathlib.Path:
+    """Trains a unigram SentencePiece model with mT5's special ids and writes it atomically."""
+    import sentencepiece as spm  # noqa: PLC0415
+
+    vocab_size = vocab_size or VOCAB_SIZE
+    buf = io.BytesIO()
+    spm.set_random_generator_seed(0)  # the sentence sample is then the same on every machine
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=_sentences(files), model_writer=buf, vocab_size=vocab_size,
+        model_type="unigram", character_coverage=CHARACTER_COVERAGE,
+        pad_id=0, eos_id=1, unk_id=2, bos_id=-1,
+        input_sentence_size=INPUT_SENTENCE_SIZE, shuffle_input_sentence=True,
+        num_threads=2, minloglevel=2)
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=out_path.parent, suffix=".tmp")
+    with os.fdopen(fd, "wb") as fh:
+        fh.write(buf.getvalue())
+    os.replace(tmp, out_path)  # concurrent builders race harmlessly: last complete file wins
+    return out_path
+
+
+def default_vocab_path(data_dir: Optional[str | os.PathLike], cache_root: Optional[str | os.PathLike] = None) -> str:
+    """Path (or URL) of the SentencePiece model to use; see the module docstring.
+
+    Args:
+      data_dir: the data root (or its ``xnli/`` folder) holding ``test-<lang>.tsv``.
+      cache_root: where cached models go; default ``<repo>/.cache/vocab``.
+    Returns:
+      ``$MST5_VOCAB`` if set, else the cached model's path (trained on first use, in about
+      15 s on two cores).
+    Raises:
+      FileNotFoundError: no ``MST5_VOCAB`` and no local XNLI text; the message names both.
+    """
+    env = os.environ.get(ENV_VAR)
+    if env:
+        return env
+    files = xnli_training_files(data_dir) if data_dir is not None else []
+    if not files:
+        looked = "no data_dir given" if data_dir is None else (
+            f"looked for test-*.tsv in {pathlib.Path(data_dir) / 'xnli'} and {pathlib.Path(data_dir)}")
+        raise FileNotFoundError(
+            f"No SentencePiece vocabulary: set {ENV_VAR} to a SentencePiece model path or gs:// URL "
+            "(e.g. the mT5 spiece.model, or gs://t5-data/vocabs/mc4.250000.100extra/sentencepiece.model), "
+            f"or give a data_dir with the local XNLI files to build the cached vocabulary ({looked}).")
+    root = pathlib.Path(cache_root) if cache_root is not None else DEFAULT_CACHE_ROOT
+    path = root / files_sha256(files) / "spiece.model"
+    if path.is_file():
+        log.info("Using the cached SentencePiece vocabulary %s (built from %d local XNLI files; "
+                 "set %s to use another)", path, len(files), ENV_VAR)
+        return str(path)
+    log.warning("No %s set: training a %d-piece SentencePiece vocabulary on the local XNLI text "
+                "(%s/test-*.tsv, %d files) into %s", ENV_VAR, VOCAB_SIZE, files[0].parent, len(files), path)
+    train_sentencepiece(files, path)
+    return str(path)
