@@ -127,6 +127,16 @@ class SentenceEncoder:
             self._batch_sharding = None
         self._compiled.clear()
 
+    def update_weights(self, model: SentenceModel) -> None:
+        """Swaps in new weights of the same structure without recompiling (used during training)."""
+        graphdef, state = nnx.split(model)
+        if graphdef != self._graphdef:
+            self.model = model
+            self._refresh()
+            return
+        self.model = model
+        self._state = state if len(self.devices) == 1 else jax.device_put(state, self._replicated)
+
     @property
     def compiled_shapes(self) -> list[tuple[int, int]]:
         return sorted(self._compiled)

@@ -1,0 +1,200 @@
+"""Training-run checkpoints: orbax CheckpointManager under MODEL_DIR/checkpoints.
+
+A run directory looks like:
+
+    MODEL_DIR/
+      run.json            encoder config, mode (lora | full), LoRA config, base reference
+      base/               a random-init base, saved once (HF format); absent for real bases
+      tokenizer/          the run's tokenizer files
+      operative_config.gin
+      metrics.jsonl
+      checkpoints/<step>/ orbax items: params (trainable only), opt_state, meta (JSON)
+
+With LoRA only the LoRA factors are checkpointed; the frozen base is referenced by path
+plus a cheap fingerprint (config, shard index or safetensors header, file sizes), which is
+checked on restore. Orbax writes each step to a temporary directory and renames it when
+complete, so a crash mid-write never leaves a step that looks finished.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import os
+import pathlib
+from typing import Any, Optional
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+from flax import nnx
+
+log = logging.getLogger(__name__)
+
+RUN_FILE = "run.json"
+
+
+# ---------------------------------------------------------------------- base fingerprint
+def fingerprint(model_dir: str | os.PathLike) -> str:
+    """A cheap identity for an HF weights directory: config, index/header bytes, file sizes."""
+    d = pathlib.Path(model_dir)
+    h = hashlib.sha256()
+    for f in sorted(d.iterdir()):
+        if f.suffix in (".safetensors", ".bin") or f.name.endswith((".index.json",)) or f.name == "config.json":
+            h.update(f.name.encode())
+            h.update(str(f.stat().st_size).encode())
+            if f.suffix in (".json",):
+                h.update(f.read_bytes())
+            elif f.suffix == ".safetensors":
+                with open(f, "rb") as fh:
+                    n = int.from_bytes(fh.read(8), "little")
+                    h.update(fh.read(min(n, 1 << 24)))
+    return h.hexdigest()
+
+
+# ---------------------------------------------------------------------- run metadata
+def write_run_info(model_dir: pathlib.Path, info: dict) -> None:
+    path = model_dir / RUN_FILE
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(info, indent=2, default=str) + "\n")
+    os.replace(tmp, path)
+
+
+def read_run_info(model_dir: pathlib.Path) -> dict:
+    path = pathlib.Path(model_dir) / RUN_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: not a training run directory (run.json is missing)")
+    return json.loads(path.read_text())
+
+
+# ---------------------------------------------------------------------- the manager
+class RunCheckpoints:
+    """Saves and restores (params, opt_state, meta) for one run; keeps the last N and the best.
+
+    Args:
+      directory: MODEL_DIR/checkpoints.
+      keep: how many of the latest steps to keep.
+      best_metric: a key of the metrics passed to `save`; the best step is kept too.
+      best_mode: "max" or "min".
+    """
+
+    def __init__(self, directory: str | os.PathLike, keep: int = 2, best_metric: Optional[str] = None,
+                 best_mode: str = "max", async_save: bool = False):
+        from orbax.checkpoint import checkpoint_managers as cm
+
+        self.directory = pathlib.Path(directory).absolute()
+        self.best_metric = best_metric
+        policies = [cm.LatestN(n=keep)]
+        if best_metric:
+            policies.append(cm.BestN(get_metric_fn=lambda m: m[best_metric], reverse=(best_mode == "max"), n=1,
+                                     keep_checkpoints_without_metrics=False))
+        options = ocp.CheckpointManagerOptions(
+            preservation_policy=cm.AnyPreservationPolicy(policies),
+            enable_async_checkpointing=async_save,
+            create=True,
+        )
+        self.manager = ocp.CheckpointManager(self.directory, options=options)
+
+    def latest_step(self) -> Optional[int]:
+        return self.manager.latest_step()
+
+    def best_step(self) -> Optional[int]:
+        return self.manager.best_step() if self.best_metric else None
+
+    def all_steps(self) -> list[int]:
+        return list(self.manager.all_steps())
+
+    def save(self, step: int, params: Any, opt_state: Any, meta: dict, metrics: Optional[dict] = None) -> None:
+        """Writes one step; blocks until it is committed (renamed into place)."""
+        args = ocp.args.Composite(
+            params=ocp.args.StandardSave(params),
+            opt_state=ocp.args.StandardSave(opt_state),
+            meta=ocp.args.JsonSave(meta),
+        )
+        if metrics is not None and self.best_metric and self.best_metric not in metrics:
+            metrics = None
+        self.manager.save(step, args=args, metrics=metrics, force=True)
+        self.manager.wait_until_finished()
+
+    def restore(self, step: int, params_target: Any, opt_state_target: Any = None) -> tuple[Any, Any, dict]:
+        """Restores (params, opt_state or None, meta) into the structure/sharding of the targets."""
+        items = dict(params=ocp.args.StandardRestore(_abstract(params_target)), meta=ocp.args.JsonRestore())
+        if opt_state_target is not None:
+            items["opt_state"] = ocp.args.StandardRestore(_abstract(opt_state_target))
+        out = self.manager.restore(step, args=ocp.args.Composite(**items))
+        return out["params"], out.get("opt_state") if opt_state_target is not None else None, out["meta"]
+
+    def close(self) -> None:
+        self.manager.wait_until_finished()
+        self.manager.close()
+
+
+def _abstract(tree: Any) -> Any:
+    def f(x):
+        if isinstance(x, jax.Array):
+            return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding)
+        if isinstance(x, jax.ShapeDtypeStruct):
+            return x
+        if isinstance(x, np.ndarray):
+            return jax.ShapeDtypeStruct(x.shape, x.dtype)
+        return x
+    return jax.tree.map(f, tree)
+
+
+# ---------------------------------------------------------------------- loading a run's model
+def load_run_model(model_dir: str | os.PathLike, step: str | int = "latest", dtype: str = "float32",
+                   param_dtype: Optional[str] = None):
+    """(SentenceModel, Tokenizer) of a committed checkpoint of a run ("latest", "best" or a step)."""
+    from mst5_jax import checkpoints
+    from mst5_jax.config import EncoderConfig
+    from mst5_jax.model import abstract_model
+    from mst5_jax.tokenizer import Tokenizer
+
+    model_dir = pathlib.Path(model_dir)
+    info = read_run_info(model_dir)
+    cfg_fields = {f.name for f in dataclasses.fields(EncoderConfig)}
+    cfg = EncoderConfig(**{k: v for k, v in info["encoder_config"].items() if k in cfg_fields})
+    cfg = cfg.replace(dtype=dtype, param_dtype=param_dtype or dtype, dropout_rate=0.0, remat="none")
+    mngr = RunCheckpoints(model_dir / "checkpoints", keep=1 << 30, best_metric=info.get("best_metric"),
+                          best_mode=info.get("best_mode", "max"))
+    try:
+        if step == "latest":
+            chosen = mngr.latest_step()
+        elif step == "best":
+            chosen = mngr.best_step()
+            if chosen is None:
+                raise FileNotFoundError(f"{model_dir}: no best checkpoint (the run has no best metric)")
+        else:
+            chosen = int(step)
+            if chosen not in mngr.all_steps():
+                raise FileNotFoundError(f"{model_dir}: no checkpoint at step {chosen}; have {mngr.all_steps()}")
+        if chosen is None:
+            raise FileNotFoundError(f"{model_dir}/checkpoints: no committed checkpoint")
+        if info["mode"] == "lora":
+            base = info["base"]
+            base_dir = model_dir / base["path"] if base.get("random_init") else pathlib.Path(base["path"])
+            base_dir = checkpoints.resolve_model_dir(base_dir)
+            if base.get("fingerprint") and fingerprint(base_dir) != base["fingerprint"]:
+                raise ValueError(f"{base_dir}: the base weights changed since the run started "
+                                 f"(fingerprint mismatch with {model_dir / RUN_FILE})")
+            model = checkpoints.load_hf_weights(base_dir, cfg)
+            from mst5_jax import lora
+
+            lora.apply_lora(model, lora.LoRAConfig(**info["lora"]), 0)
+            trainable_filter = lora.trainable_filter("lora")
+        else:
+            model = abstract_model(cfg)
+            trainable_filter = nnx.Param
+        graphdef, trainable, rest = nnx.split(model, trainable_filter, ...)
+        target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, np.float32) if hasattr(x, "shape") else x,
+                              trainable.to_pure_dict())
+        params, _, _ = mngr.restore(chosen, target)
+        nnx.replace_by_pure_dict(trainable, params)
+        trainable = jax.tree.map(lambda x: x.astype(cfg.param_dtype) if info["mode"] == "full" else x, trainable)
+        model = nnx.merge(graphdef, trainable, rest)
+    finally:
+        mngr.close()
+    tok = Tokenizer.from_pretrained(model_dir / "tokenizer")
+    log.info("loaded %s step %d", model_dir, chosen)
+    return model, tok

@@ -1,0 +1,328 @@
+"""The sharded training step: one `jax.jit` from a global batch of triplets to an update.
+
+    batch {"anchor", "positive"[, "negative"]: int32 [B, L], "group_id": int32 [B]}
+      -> embeddings of the whole global batch [B, C, D] (C = 2 or 3 columns)
+      -> contrastive loss over every embedding of the step (`mst5_jax.losses`)
+      -> gradients of the trainable partition only -> optax update
+
+The state is split in two. `TrainState` holds what changes: the step, the trainable
+parameters (LoRA factors, or every `nnx.Param` in full fine-tuning) in float32, their
+optimizer state, and the base RNG key. The frozen parameters travel beside it, may be
+bf16, are never differentiated and have no optimizer state.
+
+Global in-batch negatives. The batch is split over the ("data", "fsdp") mesh axes, but
+the loss is computed on the globally sharded embeddings, which are constrained to be
+replicated first: every anchor is scored against every positive and hard negative of the
+global batch, whatever the mesh. GSPMD inserts the all-gather (B x D floats, small).
+
+GradCache (`microbatch_size` set; Gao et al. 2021, "Scaling Deep Contrastive Learning
+Batch Size under Memory Limited Setup"). The exact large-batch gradient in bounded memory:
+  1. embed every micro-batch without gradients (`lax.map`), giving [B, C, D];
+  2. compute the loss and d loss / d embeddings on the full set;
+  3. for each micro-batch, re-run the encoder under `jax.vjp` with the same dropout key
+     and pull the cached embedding gradients back to the parameters, summing (`lax.scan`).
+Only one micro-batch of activations is alive at a time. Plain gradient accumulation would
+instead shrink the pool of negatives to one micro-batch.
+
+Micro-batch layout. Micro-batch m (of k = B / microbatch_size) holds the triplets
+m, m + k, m + 2k, ... (strided), so that with the batch split in contiguous blocks over
+the devices every micro-batch is spread over every device and no data moves. Inside a
+micro-batch the C columns are embedded in one encoder call on [mb * C, L] token ids,
+triplet-major (anchor_0, positive_0, negative_0, anchor_1, ...). Without GradCache the
+whole batch is one micro-batch (k = 1).
+
+Dropout keys. Micro-batch m of step s uses `fold_in(fold_in(state.rng, s), m)` (see
+`dropout_keys`), and the model draws its dropout bits for global shapes, so results do not
+depend on the number of devices, and the GradCache re-forward in step 3 draws exactly the
+masks of step 1.
+
+Numerics. The compute dtype and the remat policy come from the model's `EncoderConfig`
+(`dtype`, `remat`: none / full / dots / residual). Embeddings come out of pooling in
+float32 and the loss is float32.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable, Mapping, NamedTuple, Optional
+
+import flax
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec
+
+from mst5_jax.lora import split_trainable
+from mst5_jax.losses import contrastive_loss
+from mst5_jax.model import SentenceModel, logical_axes
+from mst5_jax.partitioning import (
+    BATCH_MESH_AXES,
+    AnyMesh,
+    Rules,
+    batch_sharding,
+    logical_to_spec,
+    optimizer_state_sharding,
+)
+
+COLUMNS = ("anchor", "positive", "negative")
+Batch = Mapping[str, jax.Array]
+
+
+@dataclasses.dataclass(frozen=True)
+class LossConfig:
+    """Options of `mst5_jax.losses.contrastive_loss`, as the step applies them.
+
+    Attributes:
+      temperature: tau; logits are cosine / tau.
+      symmetric: also the backward (positive -> anchor) loss, averaged.
+      hard_negative_weight: SimCSE's additive weight on each anchor's own hard negative.
+      mask_false_negatives: pass `batch["group_id"]` as `group_ids` (same-group positives
+        are not negatives).
+      label_smoothing: eps in [0, 1).
+      use_hard_negatives: use `batch["negative"]` when present.
+    """
+
+    temperature: float = 0.05
+    symmetric: bool = False
+    hard_negative_weight: float = 0.0
+    mask_false_negatives: bool = False
+    label_smoothing: float = 0.0
+    use_hard_negatives: bool = True
+
+
+@flax.struct.dataclass
+class TrainState:
+    """What one step changes. `params` is the trainable partition only (float32)."""
+
+    step: jax.Array  # int32 scalar: completed optimizer updates
+    params: nnx.State
+    opt_state: optax.OptState
+    rng: jax.Array  # base key; each step folds in its step number
+
+    @classmethod
+    def create(cls, params: nnx.State, optimizer: optax.GradientTransformation, seed: int = 0) -> "TrainState":
+        return cls(step=jnp.zeros((), jnp.int32), params=params, opt_state=optimizer.init(params),
+                   rng=jax.random.key(seed))
+
+
+class StepShardings(NamedTuple):
+    """Shardings of the step's arguments: a `TrainState` of shardings, and the frozen state's."""
+
+    state: TrainState
+    frozen: Any
+
+
+# ---------------------------------------------------------------------- placement
+def state_shardings(state: nnx.State, mesh: AnyMesh, rules: Rules) -> nnx.State:
+    """`NamedSharding` per leaf of a model state (trainable or frozen), from the model's
+    logical axes (`mst5_jax.model.logical_axes`) and the rule set. Works on abstract
+    states (`nnx.state(abstract_model(cfg))`) too."""
+    axes = logical_axes(state)
+
+    def one(path, x):
+        name = "/".join(str(k.key) for k in path if isinstance(k, jax.tree_util.DictKey))
+        return NamedSharding(mesh, logical_to_spec(axes[name], x.shape, mesh, rules))
+
+    return jax.tree_util.tree_map_with_path(one, state)
+
+
+def train_state_shardings(params: nnx.State, optimizer: optax.GradientTransformation, mesh: AnyMesh,
+                          rules: Rules) -> TrainState:
+    """A `TrainState` of shardings: parameters by rule, optimizer moments like their
+    parameters, step counts and the key replicated. `params` may be abstract."""
+    param_sh = state_shardings(params, mesh, rules)
+    abstract_opt = jax.eval_shape(optimizer.init, params)
+    replicated = NamedSharding(mesh, PartitionSpec())
+    return TrainState(step=replicated, params=param_sh,
+                      opt_state=optimizer_state_sharding(optimizer, abstract_opt, param_sh, mesh),
+                      rng=replicated)
+
+
+def init_train_state(model: SentenceModel, optimizer: optax.GradientTransformation, mesh: AnyMesh, rules: Rules,
+                     *, mode: str = "lora", seed: int = 0, frozen_dtype: Optional[str] = None
+                     ) -> tuple[nnx.GraphDef, TrainState, nnx.State, StepShardings]:
+    """Splits `model` into trainable / frozen (`mst5_jax.lora.split_trainable`) and places both.
+
+    Trainable parameters are cast to float32; frozen `nnx.Param`s to `frozen_dtype` when
+    given (e.g. "bfloat16" for a LoRA run's base). Returns (graphdef, state, frozen,
+    shardings), ready for `make_train_step(graphdef, ..., shardings)`.
+    """
+    graphdef, params, frozen = split_trainable(model, mode)
+    params = jax.tree.map(lambda x: x.astype(jnp.float32), params)
+    if frozen_dtype is not None:
+        frozen = _cast_params(frozen, frozen_dtype)
+    shardings = StepShardings(train_state_shardings(params, optimizer, mesh, rules),
+                              state_shardings(frozen, mesh, rules))
+    params = jax.device_put(params, shardings.state.params)
+    state = jax.jit(lambda p: TrainState.create(p, optimizer, seed), out_shardings=shardings.state)(params)
+    return graphdef, state, jax.device_put(frozen, shardings.frozen), shardings
+
+
+def _cast_params(state: nnx.State, dtype: str) -> nnx.State:
+    flat = [(p, v.replace(v.get_value().astype(dtype)) if isinstance(v, nnx.Param) else v)
+            for p, v in nnx.to_flat_state(state)]
+    return nnx.from_flat_state(flat)
+
+
+# ---------------------------------------------------------------------- pieces of the step
+def dropout_keys(rng: jax.Array, step: jax.Array, num_microbatches: int) -> jax.Array:
+    """The dropout keys [k] of one step: key m = fold_in(fold_in(rng, step), m)."""
+    step_key = jax.random.fold_in(rng, step)
+    return jax.vmap(lambda m: jax.random.fold_in(step_key, m))(jnp.arange(num_microbatches))
+
+
+def stack_columns(batch: Batch, use_negatives: bool = True) -> jax.Array:
+    """int32 [B, C, L]: anchor, positive (and negative) token ids side by side.
+
+    Columns of different lengths are right-padded with 0 (pad), which changes nothing: pad
+    keys are masked, T5's position bias is relative and pooling skips pads.
+    """
+    names = [c for c in COLUMNS if c in batch and (c != "negative" or use_negatives)]
+    if names[:2] != ["anchor", "positive"]:
+        raise KeyError(f"train step: the batch needs 'anchor' and 'positive' token ids; got keys {sorted(batch)}")
+    length = max(batch[c].shape[1] for c in names)
+    cols = [jnp.pad(batch[c], ((0, 0), (0, length - batch[c].shape[1]))) for c in names]
+    return jnp.stack(cols, axis=1).astype(jnp.int32)
+
+
+def embed_microbatch(graphdef: nnx.GraphDef, params: nnx.State, frozen: nnx.State, ids: jax.Array,
+                     key: jax.Array) -> jax.Array:
+    """Sentence embeddings float32 [mb, C, D] of token ids [mb, C, L], in one encoder call
+    on [mb * C, L] (triplet-major). Pad id 0 is masked; EOS (id 1) counts as a token."""
+    model = nnx.merge(graphdef, params, frozen)
+    mb, c, length = ids.shape
+    flat = ids.reshape(mb * c, length)
+    emb = model(flat, (flat != model.cfg.pad_token_id).astype(jnp.int32), dropout_key=key)
+    return emb.reshape(mb, c, -1)
+
+
+def to_microbatches(x: jax.Array, k: int) -> jax.Array:
+    """[B, ...] -> [k, B/k, ...]; micro-batch m holds rows m, m + k, m + 2k, ..."""
+    return jnp.swapaxes(x.reshape(x.shape[0] // k, k, *x.shape[1:]), 0, 1)
+
+
+def from_microbatches(x: jax.Array) -> jax.Array:
+    """Inverse of `to_microbatches`: [k, B/k, ...] -> [B, ...] in the original row order."""
+    return jnp.swapaxes(x, 0, 1).reshape(-1, *x.shape[2:])
+
+
+def contrastive_objective(emb: jax.Array, group_ids: Optional[jax.Array], loss_config: Any
+                          ) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """`contrastive_loss` on embeddings [B, C, D] (columns anchor, positive[, negative])."""
+    negative = emb[:, 2] if emb.shape[1] > 2 else None
+    return contrastive_loss(
+        emb[:, 0], emb[:, 1], negative,
+        temperature=loss_config.temperature, symmetric=loss_config.symmetric,
+        hard_negative_weight=loss_config.hard_negative_weight,
+        group_ids=group_ids if loss_config.mask_false_negatives else None,
+        label_smoothing=loss_config.label_smoothing)
+
+
+def loss_and_grads(graphdef: nnx.GraphDef, params: nnx.State, frozen: nnx.State, batch: Batch, keys: jax.Array,
+                   loss_config: Any, *, microbatch_size: Optional[int] = None, mesh: Optional[AnyMesh] = None,
+                   param_shardings: Any = None) -> tuple[jax.Array, dict[str, jax.Array], nnx.State]:
+    """(loss, metrics, d loss / d params) for one global batch; call inside `jax.jit`.
+
+    Args:
+      batch: see the module docstring; [B, L] ids sharded over ("data", "fsdp").
+      keys: the dropout keys [k] of the k micro-batches (`dropout_keys`); k = 1 without
+        GradCache.
+      microbatch_size: None for one pass over the whole batch; otherwise GradCache with
+        micro-batches of that many triplets (must divide B).
+      mesh: when given, embeddings are replicated before the loss and micro-batches are
+        kept split over ("data", "fsdp").
+      param_shardings: when given, the GradCache gradient accumulator is kept sharded
+        like the parameters (FSDP).
+    """
+    ids = stack_columns(batch, getattr(loss_config, "use_hard_negatives", True))
+    group_ids = batch.get("group_id")
+    b = ids.shape[0]
+    k = 1 if microbatch_size is None else b // microbatch_size
+    if microbatch_size is not None and (microbatch_size <= 0 or b % microbatch_size):
+        raise ValueError(f"train step: microbatch_size={microbatch_size} must divide the global batch of {b} triplets")
+    if keys.shape != (k,):
+        raise ValueError(f"train step: got dropout keys of shape {keys.shape}, expected ({k},) for {k} micro-batch(es)")
+
+    def replicated(x):
+        return x if mesh is None else jax.lax.with_sharding_constraint(x, NamedSharding(mesh, PartitionSpec()))
+
+    def objective(emb):
+        return contrastive_objective(replicated(emb), group_ids, loss_config)
+
+    embed = lambda p, x, key: embed_microbatch(graphdef, p, frozen, x, key)
+
+    if k == 1:
+        def full_loss(p):
+            return objective(embed(p, ids, keys[0]))
+
+        (loss, metrics), grads = jax.value_and_grad(full_loss, has_aux=True)(params)
+        return loss, metrics, grads
+
+    micro = to_microbatches(ids, k)  # [k, mb, C, L]
+    if mesh is not None:
+        shards = 1
+        for a in BATCH_MESH_AXES:
+            shards *= mesh.shape[a]
+        if microbatch_size % shards:
+            raise ValueError(f"train step: microbatch_size={microbatch_size} is not a multiple of the {shards} "
+                             f"batch shards of the mesh ({dict(mesh.shape)}); every micro-batch is split over them")
+        micro = jax.lax.with_sharding_constraint(micro, NamedSharding(mesh, PartitionSpec(None, BATCH_MESH_AXES)))
+
+    # 1. Embeddings of every micro-batch, no gradients kept.
+    emb = jax.lax.map(lambda xs: embed(params, *xs), (micro, keys))  # [k, mb, C, D]
+    # 2. The loss on the full set, and its gradient with respect to the embeddings.
+    (loss, metrics), emb_grad = jax.value_and_grad(lambda e: objective(from_microbatches(e)), has_aux=True)(emb)
+
+    # 3. Per micro-batch, the encoder's VJP with the cached embedding gradients.
+    def accumulate(acc, xs):
+        x, key, g = xs
+        _, vjp = jax.vjp(lambda p: embed(p, x, key), params)
+        (grad,) = vjp(g)
+        acc = jax.tree.map(jnp.add, acc, grad)
+        if param_shardings is not None:
+            acc = jax.lax.with_sharding_constraint(acc, param_shardings)
+        return acc, None
+
+    zeros = jax.tree.map(jnp.zeros_like, params)
+    if param_shardings is not None:
+        zeros = jax.lax.with_sharding_constraint(zeros, param_shardings)
+    grads, _ = jax.lax.scan(accumulate, zeros, (micro, keys, emb_grad))
+    return loss, metrics, grads
+
+
+# ---------------------------------------------------------------------- the step
+def make_train_step(graphdef: nnx.GraphDef, optimizer: optax.GradientTransformation, loss_config: Any,
+                    mesh: AnyMesh, shardings: StepShardings, microbatch_size: Optional[int] = None
+                    ) -> Callable[[TrainState, nnx.State, Batch], tuple[TrainState, dict[str, jax.Array]]]:
+    """The jitted step `(state, frozen, batch) -> (state, metrics)`; `state` is donated.
+
+    Args:
+      graphdef: from `init_train_state` / `split_trainable`.
+      optimizer: the optax transformation that built `state.opt_state`.
+      loss_config: a `LossConfig` (or any object with its attributes).
+      mesh: the ("data", "fsdp", "tensor") mesh; the batch is split over (data, fsdp).
+      shardings: the state's and the frozen parameters' shardings (`init_train_state`).
+      microbatch_size: None, or GradCache micro-batches of that many triplets.
+
+    Metrics (float32 scalars, replicated; the loss is that of the batch that produced this
+    update): loss, accuracy, pos_sim, neg_sim (and hard_neg_sim with negatives) from
+    `contrastive_loss`, grad_norm (global L2 norm of the trainable gradient), and is_finite
+    (1.0 when loss and gradient norm are finite, else 0.0; the update is applied anyway,
+    wrap the optimizer in `optax.apply_if_finite` to skip such steps).
+    """
+    def step(state: TrainState, frozen: nnx.State, batch: Batch):
+        k = 1 if microbatch_size is None else max(batch["anchor"].shape[0] // microbatch_size, 1)
+        keys = dropout_keys(state.rng, state.step, k)
+        loss, metrics, grads = loss_and_grads(graphdef, state.params, frozen, batch, keys, loss_config,
+                                              microbatch_size=microbatch_size, mesh=mesh,
+                                              param_shardings=shardings.state.params)
+        updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        grad_norm = jnp.sqrt(sum(jnp.sum(jnp.square(g)) for g in jax.tree.leaves(grads)))
+        metrics = dict(metrics, loss=loss, grad_norm=grad_norm,
+                       is_finite=(jnp.isfinite(loss) & jnp.isfinite(grad_norm)).astype(jnp.float32))
+        return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
+
+    replicated = NamedSharding(mesh, PartitionSpec())
+    return jax.jit(step, in_shardings=(shardings.state, shardings.frozen, batch_sharding(mesh, 1)),
+                   out_shardings=(shardings.state, replicated), donate_argnums=(0,))
