@@ -188,7 +188,7 @@ class SentenceEncoder:
         ndev = len(self.devices)
         batch_size = -(-batch_size // ndev) * ndev
         ids = self.tokenize(sentences, max_length)
-        truncated = sum(1 for s, t in zip(sentences, ids) if len(t) >= max_length and self._was_truncated(s, max_length))
+        truncated = getattr(self.tokenizer, "num_truncated", 0)
         if truncated:
             log.warning("encode: %d of %d sentences were truncated to max_length=%d tokens", truncated, n, max_length)
         buckets = bucket_lengths(max_length)
@@ -219,9 +219,6 @@ class SentenceEncoder:
         if precision != "float32":
             out = quantize(out, precision)
         return out[0] if single else out
-
-    def _was_truncated(self, sentence: str, max_length: int) -> bool:
-        return len(self.tokenizer.encode_batch([sentence], max_length=None)[0]) > max_length
 
     def similarity(self, a: np.ndarray, b: np.ndarray) -> np.ndarray:
         """Cosine similarity matrix [len(a), len(b)] of float32 embeddings."""
@@ -269,19 +266,28 @@ class SentenceEncoder:
         return len(nnx.to_flat_state(nnx.state(self.model, LoRAParam))) > 0
 
 
-def quantize(emb: np.ndarray, precision: str) -> np.ndarray:
-    """sentence-transformers' `quantize_embeddings` semantics (ranges from `emb` itself)."""
+def quantize(emb: np.ndarray, precision: str, ranges: Optional[np.ndarray] = None) -> np.ndarray:
+    """sentence-transformers' `quantize_embeddings` semantics.
+
+    int8/uint8: 256 buckets per dimension between `ranges` [2, d] (min and max rows;
+    default: computed from `emb` itself). binary/ubinary: one bit per dimension (> 0),
+    packed; "binary" is shifted by -128 into int8.
+    """
     if precision in ("int8", "uint8"):
-        lo, hi = emb.min(axis=0), emb.max(axis=0)
-        steps = (hi - lo) / 255
-        steps = np.where(steps == 0, 1.0, steps)
-        if precision == "uint8":
-            return ((emb - lo) / steps).astype(np.uint8)
-        return ((emb - lo) / steps - 128).astype(np.int8)
+        if ranges is None:
+            if emb.shape[0] < 2:
+                raise ValueError(f"{precision} quantization needs ranges or at least 2 embeddings")
+            ranges = np.vstack((emb.min(axis=0), emb.max(axis=0)))
+        ranges = np.asarray(ranges, np.float32)
+        starts = ranges[0]
+        steps = (ranges[1] - starts) / 255
+        steps = np.where(steps == 0, 1, steps)
+        q = np.clip(np.floor((emb - starts) / steps), 0, 255)
+        return q.astype(np.uint8) if precision == "uint8" else (q - 128).astype(np.int8)
     if precision == "binary":
-        return (np.packbits(emb > 0).reshape(emb.shape[0], -1) - 128).astype(np.int8)
+        return (np.packbits(emb > 0, axis=-1) - 128).astype(np.int8)
     if precision == "ubinary":
-        return np.packbits(emb > 0).reshape(emb.shape[0], -1)
+        return np.packbits(emb > 0, axis=-1)
     raise ValueError(f"precision={precision!r}: expected float32, int8, uint8, binary or ubinary")
 
 
@@ -294,3 +300,9 @@ def _progress(total: int, enabled: bool):
         log.warning("show_progress_bar needs tqdm")
         return None
     return tqdm(total=total, unit="sent", desc="encode")
+
+
+if __name__ == "__main__":
+    from mst5_jax.encode_cli import main
+
+    raise SystemExit(main())
