@@ -90,6 +90,7 @@ class TrainConfig:
     heldout_eval: bool = False
     min_heldout_gain: float = 0.0
     peak_tflops: Optional[float] = None
+    tensorboard: bool = False
     profile_steps: Optional[str] = None
     compilation_cache_dir: Optional[str] = None
     num_devices: Optional[int] = None  # for config checks (gin hardware files); not enforced at run time
@@ -419,6 +420,22 @@ def run(cfg: TrainConfig) -> dict:
         params = jax.tree.map(lambda x: x.astype(enc_cfg.param_dtype) if mode == "full" else x, state.params)
         return nnx.merge(graphdef, params, frozen)
 
+    eval_step = None
+    if cfg.eval_every:
+        eval_step = train_step.make_eval_step(graphdef, cfg.loss, mesh, shardings)
+        valid = TripletIterator(cfg.mixture_or_task_name, data_dir, vocab, cfg.max_length, host_batch, cfg.seed,
+                                shard_index=jax.process_index(), num_shards=jax.process_count(), split="validation")
+
+    def heldout_loss() -> dict[str, float]:
+        """Mean contrastive metrics over the first `eval_batches` validation batches."""
+        valid.set_state({"epoch": 0, "index": jax.process_index()})
+        totals: dict[str, float] = {}
+        for _ in range(cfg.eval_batches):
+            m = jax.device_get(eval_step(state.params, frozen, partitioning.host_local_to_global(next(valid), mesh)))
+            for k, v in m.items():
+                totals[k] = totals.get(k, 0.0) + float(v) / cfg.eval_batches
+        return {f"eval_{k}": v for k, v in totals.items()}
+
     summary: dict[str, Any] = {"model_dir": str(model_dir), "start_step": start}
     heldout = HeldoutEval(cfg, tokenizer, data_dir) if (cfg.heldout_eval or cfg.eval_every) else None
     if cfg.heldout_eval and heldout is not None:
@@ -432,7 +449,7 @@ def run(cfg: TrainConfig) -> dict:
         summary["heldout_before"] = before
         print(f"held-out xnli_retrieval avg xx->en before training: {before:.2f}", flush=True)
 
-    writer = MetricsWriter(metrics_path)
+    writer = MetricsWriter(metrics_path, tensorboard=cfg.tensorboard)
     flops = model_flops_per_triplet(enc_cfg, cfg.max_length, n_lora, mode == "full")
     profile = _parse_profile(cfg.profile_steps)
     bar = _progress_bar(cfg.train_steps, start)
@@ -445,6 +462,8 @@ def run(cfg: TrainConfig) -> dict:
             if profile and step + 1 == profile[0]:
                 jax.profiler.start_trace(str(model_dir / "profile"))
             batch = partitioning.host_local_to_global(next(data), mesh)
+            if os.environ.get("MST5_POISON_AT_STEP") == str(step + 1):  # test hook: non-finite weights
+                state = state.replace(params=jax.tree.map(lambda x: x * jnp.nan, state.params))
             state, metrics = step_fn(state, frozen, batch)
             step += 1
             finite = finite * metrics["is_finite"]
@@ -482,8 +501,8 @@ def run(cfg: TrainConfig) -> dict:
                     log.info("step %d loss %.4f acc %.3f %.1f triplets/s", step, m["loss"], m.get("accuracy", 0.0),
                              rec["triplets_per_sec"])
             eval_metrics = None
-            if cfg.eval_every and step % cfg.eval_every == 0 and heldout is not None:
-                eval_metrics = heldout(current_model())
+            if cfg.eval_every and (step % cfg.eval_every == 0 or step == cfg.train_steps):
+                eval_metrics = {**heldout_loss(), **heldout(current_model())}
                 writer.write({"step": step, "eval": eval_metrics})
             if ckpt_now:
                 ckpt.save(step, state.params.to_pure_dict(), _flat_leaves(state.opt_state),

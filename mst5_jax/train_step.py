@@ -326,3 +326,22 @@ def make_train_step(graphdef: nnx.GraphDef, optimizer: optax.GradientTransformat
     replicated = NamedSharding(mesh, PartitionSpec())
     return jax.jit(step, in_shardings=(shardings.state, shardings.frozen, batch_sharding(mesh, 1)),
                    out_shardings=(shardings.state, replicated), donate_argnums=(0,))
+
+
+def make_eval_step(graphdef: nnx.GraphDef, loss_config: Any, mesh: AnyMesh, shardings: StepShardings
+                   ) -> Callable[[nnx.State, nnx.State, Batch], dict[str, jax.Array]]:
+    """The jitted held-out step `(params, frozen, batch) -> metrics`: no dropout, no gradient.
+
+    Metrics are those of `contrastive_loss` (loss, accuracy, pos_sim, neg_sim, ...) over the
+    whole global batch, like the training step's.
+    """
+    def evaluate(params: nnx.State, frozen: nnx.State, batch: Batch):
+        ids = stack_columns(batch, loss_config.use_hard_negatives)
+        emb = embed_microbatch(graphdef, params, frozen, ids, None)
+        emb = jax.lax.with_sharding_constraint(emb, NamedSharding(mesh, PartitionSpec()))
+        loss, metrics = contrastive_objective(emb, batch.get("group_id"), loss_config)
+        return dict(metrics, loss=loss)
+
+    replicated = NamedSharding(mesh, PartitionSpec())
+    return jax.jit(evaluate, in_shardings=(shardings.state.params, shardings.frozen, batch_sharding(mesh, 1)),
+                   out_shardings=replicated)

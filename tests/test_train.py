@@ -197,3 +197,30 @@ def test_lora_only_training_lowers_the_loss(tmp_path):
 
     enc = SentenceEncoder.from_pretrained(tmp_path)
     assert enc.encode(["hello", "world"]).shape == (2, 32)
+
+
+def test_eval_every_logs_heldout_metrics_and_keeps_the_best(tmp_path):
+    cfg = _cfg(tmp_path, "--gin.TRAIN_STEPS=4", "--gin.TrainConfig.eval_every=2",
+               "--gin.TrainConfig.eval_max_premises=50", "--gin.TrainConfig.eval_langs=['en', 'de', 'ru']",
+               "--gin.TrainConfig.keep_checkpoints=1", "--gin.TrainConfig.eval_batches=2")
+    train.run(cfg)
+    evals = [json.loads(l) for l in (tmp_path / "metrics.jsonl").read_text().splitlines() if '"eval"' in l]
+    assert [e["step"] for e in evals] == [2, 4]
+    for e in evals:
+        assert np.isfinite(e["eval"]["eval_loss"]) and 0 <= e["eval"]["xnli_avg_xx2en"] <= 100
+    scores = {e["step"]: e["eval"]["xnli_avg_xx2en"] for e in evals}
+    best = {s for s in scores if scores[s] == max(scores.values())}
+    kept = sorted(int(p.name) for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit())
+    print("scores", scores, "kept", kept)
+    assert 4 in kept and best & set(kept)  # the latest, and a best one by the chosen metric
+    from mst5_jax.encode import SentenceEncoder
+
+    assert SentenceEncoder.from_pretrained(tmp_path, step="best").encode(["a"]).shape == (1, 32)
+
+
+def test_non_finite_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path):
+    out = _cli(tmp_path, "--gin.TRAIN_STEPS=6", env_extra={"MST5_POISON_AT_STEP": "4"})
+    assert out.returncode != 0
+    assert "non-finite loss or gradient at or before step 4" in out.stderr
+    kept = sorted(int(p.name) for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit())
+    assert kept == [2]
