@@ -23,6 +23,7 @@ HF name -> parameter path (kernels are the transpose of torch's `weight`):
 """
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import mmap
@@ -46,6 +47,10 @@ SAFETENSORS = "model.safetensors"
 SAFETENSORS_INDEX = "model.safetensors.index.json"
 TORCH_BIN = "pytorch_model.bin"
 TORCH_BIN_INDEX = "pytorch_model.bin.index.json"
+# The optional bias-free sentence projection, stored [out, in] like a torch Linear. transformers
+# ignores it (an unexpected key); `SentenceEncoder.from_pretrained` reads it when the config
+# has `mst5_jax.projection_dim`.
+PROJECTION = "projection.weight"
 
 _ST_DTYPES = {
     "F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": ml_dtypes.bfloat16,
@@ -385,5 +390,11 @@ def save_hf(model: SentenceModel, out_dir: str | os.PathLike, dtype: Optional[st
     hf = cfg.to_hf_dict()
     hf["torch_dtype"] = dtype or cfg.param_dtype
     (out / "config.json").write_text(json.dumps(hf, indent=2) + "\n")
-    write_safetensors(out / SAFETENSORS, hf_state_dict(model, dtype), metadata={"format": "pt"})
+    tensors = hf_state_dict(model, dtype)
+    if model.projection is not None:  # sentence-t5's Dense, kept beside the encoder (see `PROJECTION`)
+        kernel = np.asarray(jax.device_get(model.projection.kernel[...]))
+        if dtype is not None:
+            kernel = kernel.astype(np.float32 if dtype == "float32" else ml_dtypes.bfloat16)
+        tensors = itertools.chain(tensors, [(PROJECTION, np.ascontiguousarray(kernel.T))])
+    write_safetensors(out / SAFETENSORS, tensors, metadata={"format": "pt"})
     return out

@@ -104,7 +104,8 @@ class SentenceEncoder:
             if not cfg_path.is_file():
                 raise checkpoints.CheckpointError(f"{model_dir}: config.json is missing")
             cfg = EncoderConfig.from_hf_json(cfg_path, dtype=dtype, param_dtype=param_dtype, **config_overrides)
-            model = checkpoints.load_hf_weights(model_dir, cfg)
+            extra = {"projection/kernel": (checkpoints.PROJECTION, True)} if cfg.projection_dim else None
+            model = checkpoints.load_hf_weights(model_dir, cfg, extra=extra)
             tok = Tokenizer.from_pretrained(model_dir)
         if adapter is not None:
             from mst5_jax import lora

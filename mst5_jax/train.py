@@ -146,8 +146,15 @@ def parse_gin(gin_files: Sequence[str], bindings: Sequence[str]) -> TrainConfig:
     gin.clear_config()
     root = gin_root()
     gin.add_config_file_search_path(str(root))
-    files = [str(find_gin_file(f, root)) for f in gin_files]
-    gin.parse_config_files_and_bindings(files, list(bindings), finalize_config=False)
+    files = [str(find_gin_file(f, root).absolute()) for f in gin_files]
+    # gin tries an `include` path relative to the working directory before its search
+    # paths, so a user folder named runs/ or models/ would shadow ours: parse from the root.
+    cwd = os.getcwd()
+    os.chdir(root)
+    try:
+        gin.parse_config_files_and_bindings(files, list(bindings), finalize_config=False)
+    finally:
+        os.chdir(cwd)
     return gin.get_configurable(TrainConfig)()
 
 
