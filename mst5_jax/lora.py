@@ -67,6 +67,7 @@ from flax import nnx
 
 from mst5_jax.checkpoints import CheckpointError, SafetensorsFile, hf_names, write_safetensors
 from mst5_jax.config import EncoderConfig
+from mst5_jax.optional_gin import gin_or_none
 from mst5_jax.model import LoRAParam, LoRAScale, SentenceModel, abstract_model, count_params, path_str
 
 log = logging.getLogger(__name__)
@@ -135,12 +136,9 @@ class LoRAConfig:
         return alpha / math.sqrt(r) if self.use_rslora else alpha / r
 
 
-try:  # gin is an extra: the core imports without it.
-    import gin
-
-    gin.external_configurable(LoRAConfig, module="mst5_jax.lora")
-except ImportError:  # pragma: no cover - exercised only without the [gin] extra
-    pass
+_gin = gin_or_none()  # gin is an extra: the core imports without it.
+if _gin is not None:
+    _gin.external_configurable(LoRAConfig, module="mst5_jax.lora")
 
 
 # ---------------------------------------------------------------------- matching

@@ -81,8 +81,8 @@ def resolve_vocab_path(vocab_path: Optional[str] = None, data_dir: Optional[os.P
     return default_vocab_path(resolve_data_dir(data_dir))
 
 
-try:  # gin is optional: make `configure` bindable from .gin files when it is installed.
-    import gin as _gin
+from mst5_jax.optional_gin import gin_or_none  # noqa: E402
+
+_gin = gin_or_none()  # gin is optional: make `configure` bindable from .gin files when installed.
+if _gin is not None:
     configure = _gin.external_configurable(configure, name="configure", module="tasks")
-except ImportError:  # pragma: no cover - exercised where gin is absent
-    pass
