@@ -83,7 +83,19 @@ def resolve_model_dir(path: str | os.PathLike, allow_patterns: Optional[list[str
 
 
 def weight_files(model_dir: pathlib.Path) -> tuple[str, list[pathlib.Path]]:
-    """("safetensors" | "bin", files) for a directory, preferring safetensors."""
+    """("safetensors" | "bin", files) for a directory, preferring safetensors.
+
+    Every file must resolve inside `model_dir` or its hub cache repository (symlink policy,
+    `mst5_jax.safety`)."""
+    from mst5_jax import safety
+
+    kind, files = _weight_files(model_dir)
+    for f in files:
+        safety.resolve_inside(f, model_dir)
+    return kind, files
+
+
+def _weight_files(model_dir: pathlib.Path) -> tuple[str, list[pathlib.Path]]:
     d = pathlib.Path(model_dir)
     if (d / SAFETENSORS).is_file():
         return "safetensors", [d / SAFETENSORS]
@@ -124,6 +136,12 @@ class SafetensorsFile:
         header.pop("__metadata__", None)
         self.header = header
         self._offset = 8 + n
+        size = os.path.getsize(path)
+        for name, info in header.items():
+            end = self._offset + int(info["data_offsets"][1])
+            if end > size:
+                self._file.close()
+                raise CheckpointError(f"{path}: truncated: tensor {name} ends at byte {end}, the file has {size}")
         self._mmap = mmap.mmap(self._file.fileno(), 0, access=mmap.ACCESS_READ) if os.path.getsize(path) else None
 
     def keys(self) -> list[str]:
@@ -288,6 +306,9 @@ def load_hf_weights(
                 tname = _find(source, tname, model_dir)
                 used.add(tname)
                 t = source.get(tname)
+                if not (np.issubdtype(t.dtype, np.floating) or t.dtype == ml_dtypes.bfloat16):
+                    raise CheckpointError(f"{model_dir}: tensor {tname} has dtype {t.dtype}; expected a floating "
+                                          "dtype (float32, float16, bfloat16 or float64)")
                 t = t.T if transpose else t
                 want = shape[1:] if stacked else shape
                 if tuple(t.shape) != tuple(want):
@@ -297,6 +318,8 @@ def load_hf_weights(
                         f"(d_model={cfg.d_model}, d_ff={cfg.d_ff}, heads={cfg.num_heads}, d_kv={cfg.d_kv}, "
                         f"vocab={cfg.vocab_size})")
                 np.copyto(host[i] if stacked else host, t, casting="unsafe")
+                if not _all_finite(host[i] if stacked else host):
+                    raise CheckpointError(f"{model_dir}: tensor {tname} contains NaN or Inf")
                 del t
                 source.release(tname)
             leaves[name] = _place(host, (shardings or {}).get(name))
@@ -321,6 +344,12 @@ def load_hf_weights(
         return nnx.merge(graphdef, state)
     finally:
         source.close()
+
+
+def _all_finite(a: np.ndarray, chunk: int = 1 << 22) -> bool:
+    """No NaN/Inf in `a`, checked in chunks of 4M elements (bounded temporary memory)."""
+    flat = a.reshape(-1)
+    return all(bool(np.isfinite(flat[i:i + chunk]).all()) for i in range(0, flat.size, chunk))
 
 
 def _find(source: TensorSource, name: str, model_dir) -> str:

@@ -95,6 +95,9 @@ class SentenceEncoder:
             model, tok = train_checkpoints.load_run_model(p, step=step, dtype=dtype, param_dtype=param_dtype)
             return cls(model, tok, source=str(p), devices=devices)
         model_dir = checkpoints.resolve_model_dir(path)
+        from mst5_jax import safety
+
+        safety.check_tree(model_dir)  # symlinks only inside model_dir or its hub cache repo
         if (model_dir / "modules.json").is_file():
             from mst5_jax import st_format
 

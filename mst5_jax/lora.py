@@ -559,6 +559,9 @@ def load_peft_adapter(model: SentenceModel, adapter_dir: str | os.PathLike) -> S
     missing tensor by name.
     """
     adapter_dir = pathlib.Path(adapter_dir)
+    from mst5_jax import safety
+
+    safety.check_tree(adapter_dir)  # symlinks only inside adapter_dir or its hub cache repo
     cfg_path = adapter_dir / ADAPTER_CONFIG
     if not cfg_path.is_file():
         raise CheckpointError(f"{adapter_dir}: no {ADAPTER_CONFIG} (not a peft adapter directory)")

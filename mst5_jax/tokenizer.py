@@ -133,6 +133,11 @@ class Tokenizer:
 
     @classmethod
     def _from_directory(cls, d: pathlib.Path) -> "Tokenizer":
+        from mst5_jax import safety
+
+        for name in (_TOKENIZER_JSON, _SPIECE, *_SIDE_FILES):
+            if (d / name).is_file():
+                safety.resolve_inside(d / name, d)
         files = {name: d / name for name in (_TOKENIZER_JSON, _SPIECE, *_SIDE_FILES) if (d / name).is_file()}
         if _TOKENIZER_JSON in files:
             return cls(hf_tokenizer=_load_tokenizer_json(d), files=files, source=str(d))

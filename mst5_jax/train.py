@@ -152,7 +152,16 @@ def parse_gin(gin_files: Sequence[str], bindings: Sequence[str]) -> TrainConfig:
     cwd = os.getcwd()
     os.chdir(root)
     try:
-        gin.parse_config_files_and_bindings(files, list(bindings), finalize_config=False)
+        gin.parse_config_files_and_bindings(files, [], finalize_config=False)
+        for b in bindings:  # `--gin.BATCHSIZE=16` would define a new macro that nothing reads
+            name = b.split("=", 1)[0].strip()
+            if name.isidentifier() and name.isupper():
+                try:
+                    gin.query_parameter(f"%{name}")
+                except ValueError:
+                    raise ValueError(f"--gin.{b.strip()}: {name} is not a macro of {', '.join(gin_files)} "
+                                     "(misspelt? macros are defined in the gin files)") from None
+        gin.parse_config_files_and_bindings([], list(bindings), finalize_config=False)
     finally:
         os.chdir(cwd)
     return gin.get_configurable(TrainConfig)()
@@ -338,7 +347,7 @@ def run(cfg: TrainConfig) -> dict:
 
     Returns a summary dict (final step, last metrics, held-out before/after when enabled).
     """
-    from mst5_jax import checkpoints, lora, train_checkpoints, train_step
+    from mst5_jax import checkpoints, faults, lora, manifest, train_checkpoints, train_step
     from mst5_jax.model import init_model
     from mst5_jax.tokenizer import Tokenizer
     from tasks.pipeline import TripletIterator
@@ -347,6 +356,8 @@ def run(cfg: TrainConfig) -> dict:
         raise ValueError("MODEL_DIR is not set (TrainConfig.model_dir)")
     if cfg.compilation_cache_dir:
         jax.config.update("jax_compilation_cache_dir", cfg.compilation_cache_dir)
+    faults.install()  # no-op unless a test sets MST5_FAULT
+    primary = jax.process_index() == 0  # shared files (run.json, metrics, summary) are written once
     model_dir = pathlib.Path(cfg.model_dir).absolute()
     model_dir.mkdir(parents=True, exist_ok=True)
     data_dir = _resolve_data_dir(cfg.data_dir)
@@ -399,6 +410,9 @@ def run(cfg: TrainConfig) -> dict:
     step_fn = train_step.make_train_step(graphdef, optimizer, cfg.loss, mesh, shardings,
                                          microbatch_size=cfg.microbatch_size)
 
+    # Resume only from a step whose files match its manifest; newer steps that do not are
+    # moved to MODEL_DIR/checkpoints_rejected/ (the warning names the bad files).
+    manifest.newest_verified_step(model_dir / "checkpoints", quarantine=True)
     ckpt = train_checkpoints.RunCheckpoints(model_dir / "checkpoints", keep=cfg.keep_checkpoints,
                                             best_metric=cfg.best_metric if cfg.eval_every else None)
     metrics_path = model_dir / "metrics.jsonl"
@@ -409,10 +423,11 @@ def run(cfg: TrainConfig) -> dict:
         opt_tree = jax.tree.unflatten(jax.tree.structure(state.opt_state), opt_state)
         state = state.replace(step=jnp.asarray(meta["step"], jnp.int32), opt_state=opt_tree,
                               params=jax.device_put(state.params, shardings.state.params))
-        data.set_state(meta["data"])
-        truncate_metrics(metrics_path, start)
+        data.set_state(_host_data_state(meta["data"], len(data)))
+        if primary:
+            truncate_metrics(metrics_path, start)
         log.info("resumed %s at step %d", model_dir, start)
-    else:
+    elif primary:
         train_checkpoints.write_run_info(model_dir, {
             "encoder_config": dataclasses.asdict(enc_cfg), "mode": mode,
             "lora": None if cfg.lora is None else dataclasses.asdict(cfg.lora),
@@ -452,11 +467,12 @@ def run(cfg: TrainConfig) -> dict:
             before = json.loads(before_file.read_text())["xnli_avg_xx2en"]
         else:
             before = heldout(current_model())["xnli_avg_xx2en"]
-            before_file.write_text(json.dumps({"step": 0, "xnli_avg_xx2en": before}) + "\n")
+            if primary:
+                before_file.write_text(json.dumps({"step": 0, "xnli_avg_xx2en": before}) + "\n")
         summary["heldout_before"] = before
         print(f"held-out xnli_retrieval avg xx->en before training: {before:.2f}", flush=True)
 
-    writer = MetricsWriter(metrics_path, tensorboard=cfg.tensorboard)
+    writer = MetricsWriter(metrics_path, tensorboard=cfg.tensorboard) if primary else _NullWriter()
     flops = model_flops_per_triplet(enc_cfg, cfg.max_length, n_lora, mode == "full")
     profile = _parse_profile(cfg.profile_steps)
     bar = _progress_bar(cfg.train_steps, start)
@@ -512,9 +528,18 @@ def run(cfg: TrainConfig) -> dict:
                 eval_metrics = {**heldout_loss(), **heldout(current_model())}
                 writer.write({"step": step, "eval": eval_metrics})
             if ckpt_now:
-                ckpt.save(step, state.params.to_pure_dict(), _flat_leaves(state.opt_state),
-                          {"step": step, "data": data.get_state()}, metrics=eval_metrics)
-            _fault_hook(step)
+                try:
+                    ckpt.save(step, state.params.to_pure_dict(), _flat_leaves(state.opt_state),
+                              {"step": step, "data": data.get_state()}, metrics=eval_metrics)
+                except Exception as e:
+                    good = manifest.committed_steps(ckpt.directory)
+                    raise OSError(
+                        f"saving the step-{step} checkpoint under {ckpt.directory} failed "
+                        f"({type(e).__name__}: {e}). Is the disk full? The last complete checkpoint, "
+                        f"step {max(good) if good else None}, is untouched; free space and rerun to resume.") from e
+                manifest.write(ckpt.directory / str(step))
+            faults.maybe_fault("after_step", step)
+            faults.maybe_fault("sigterm_after_step", step)
             if stop:
                 log.warning("saved step %d after SIGTERM; exiting", step)
                 summary["preempted"] = True
@@ -531,15 +556,24 @@ def run(cfg: TrainConfig) -> dict:
         if cfg.min_heldout_gain and gain < cfg.min_heldout_gain:
             raise SystemExit(f"held-out metric rose by {gain:.2f} points, less than MIN_HELDOUT_GAIN="
                              f"{cfg.min_heldout_gain}")
-    (model_dir / "summary.json").write_text(json.dumps(summary, indent=2, default=str) + "\n")
+    if primary:
+        (model_dir / "summary.json").write_text(json.dumps(summary, indent=2, default=str) + "\n")
     return summary
 
 
-def _fault_hook(step: int) -> None:
-    """Test hook: MST5_KILL_AFTER_STEP=k SIGKILLs this process right after step k completes."""
-    kill_at = os.environ.get("MST5_KILL_AFTER_STEP")
-    if kill_at is not None and step == int(kill_at):
-        os.kill(os.getpid(), signal.SIGKILL)
+class _NullWriter:
+    """MetricsWriter stand-in on processes other than 0."""
+
+    def write(self, record: dict) -> None:
+        pass
+
+
+def _host_data_state(saved: dict, epoch_size: int) -> dict:
+    """This host's data position from a checkpoint's. The saved state is host 0's, i.e. the
+    global position of the next global batch; host i of N starts i examples later, so a
+    checkpoint restores on any process count."""
+    position = int(saved["epoch"]) * epoch_size + int(saved["index"]) + jax.process_index()
+    return {"epoch": position // epoch_size, "index": position % epoch_size}
 
 
 def _progress_bar(total: int, start: int):
@@ -596,7 +630,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print(json.dumps(config_check.check(cfg), indent=2))
         return 0
     pathlib.Path(cfg.model_dir).mkdir(parents=True, exist_ok=True)
-    (pathlib.Path(cfg.model_dir) / "operative_config.gin").write_text(operative)
+    if jax.process_index() == 0:
+        (pathlib.Path(cfg.model_dir) / "operative_config.gin").write_text(operative)
     run(cfg)
     return 0
 

@@ -169,8 +169,15 @@ def load_run_model(model_dir: str | os.PathLike, step: str | int = "latest", dty
             chosen = int(step)
             if chosen not in mngr.all_steps():
                 raise FileNotFoundError(f"{model_dir}: no checkpoint at step {chosen}; have {mngr.all_steps()}")
+        from mst5_jax import manifest
+
+        if step == "latest" and chosen is not None:
+            chosen = manifest.newest_verified_step(mngr.directory, mngr.all_steps(), require_manifest=False)
+        elif chosen is not None:
+            manifest.require_verified(mngr.directory / str(chosen), require_manifest=False)
         if chosen is None:
-            raise FileNotFoundError(f"{model_dir}/checkpoints: no committed checkpoint")
+            raise FileNotFoundError(f"{model_dir}/checkpoints: no committed checkpoint"
+                                    " (or none that matches its manifest; see the warnings)")
         if info["mode"] == "lora":
             base = info["base"]
             base_dir = model_dir / base["path"] if base.get("random_init") else pathlib.Path(base["path"])

@@ -216,6 +216,7 @@ def read_nli_file(path: os.PathLike, *, premise: str | int = "sentence1", hypoth
                     d = json.loads(line)
                 except json.JSONDecodeError:
                     bad.add(line_no, "not JSON")
+                    out.append(None)
                     continue
                 out.append(make_row(d.get(premise), d.get(hypothesis), d.get(label), line_no, bad))
     else:

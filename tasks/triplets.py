@@ -91,6 +91,8 @@ def text_problem(s: Optional[str]) -> Optional[str]:
     # per language in en/hi/ur with one, so dropping them would lose a triplet.)
     if any("\udc80" <= ch <= "\udcff" for ch in s):
         return "broken encoding"
+    if "\x00" in s:  # a NUL byte: a binary or corrupt file, never text
+        return "NUL byte"
     return None
 
 

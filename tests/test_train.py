@@ -134,7 +134,7 @@ def _assert_same_final_params(a, b):
 
 
 def test_sigkill_after_a_checkpoint_then_resume_equals_straight_run(straight_run, tmp_path):
-    out = _cli(tmp_path, "--gin.TRAIN_STEPS=4", env_extra={"MST5_KILL_AFTER_STEP": "3"})
+    out = _cli(tmp_path, "--gin.TRAIN_STEPS=4", env_extra={"MST5_FAULT": "after_step@3"})
     assert out.returncode == -signal.SIGKILL, out.stderr[-2000:]
     assert (tmp_path / "checkpoints" / "2").is_dir() and not (tmp_path / "checkpoints" / "4").exists()
     out = _cli(tmp_path, "--gin.TRAIN_STEPS=4")
