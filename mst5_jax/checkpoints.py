@@ -317,7 +317,7 @@ def load_hf_weights(
                         f"expected {tuple(want)[::-1] if transpose else tuple(want)} for config "
                         f"(d_model={cfg.d_model}, d_ff={cfg.d_ff}, heads={cfg.num_heads}, d_kv={cfg.d_kv}, "
                         f"vocab={cfg.vocab_size})")
-                np.copyto(host[i] if stacked else host, t, casting="unsafe")
+                _copy_released(host[i] if stacked else host, t, transpose, lambda: source.release(tname))
                 if not _all_finite(host[i] if stacked else host):
                     raise CheckpointError(f"{model_dir}: tensor {tname} contains NaN or Inf")
                 del t
@@ -350,6 +350,29 @@ def _all_finite(a: np.ndarray, chunk: int = 1 << 22) -> bool:
     """No NaN/Inf in `a`, checked in chunks of 4M elements (bounded temporary memory)."""
     flat = a.reshape(-1)
     return all(bool(np.isfinite(flat[i:i + chunk]).all()) for i in range(0, flat.size, chunk))
+
+
+_CHUNK_BYTES = 64 << 20
+
+
+def _copy_released(dst: np.ndarray, src: np.ndarray, transposed: bool, release: Callable[[], None]) -> None:
+    """dst[...] = src (cast), in ~64 MiB pieces of the source, dropping its pages after each.
+
+    `src` is a (possibly transposed) view of a memory-mapped tensor: copying piece by piece
+    keeps only one piece of the file resident, so a 768 MB embedding costs 64 MB, not 768.
+    """
+    rows_axis = 1 if transposed else 0  # the source tensor's leading (contiguous) axis
+    n = src.shape[rows_axis] if src.ndim else 1
+    row_bytes = max(src.nbytes // max(n, 1), 1)
+    step = max(_CHUNK_BYTES // row_bytes, 1)
+    if src.ndim == 0 or n <= step:
+        np.copyto(dst, src, casting="unsafe")
+        release()
+        return
+    for r in range(0, n, step):
+        sl = (slice(None), slice(r, r + step)) if transposed else (slice(r, r + step),)
+        np.copyto(dst[sl], src[sl], casting="unsafe")
+        release()
 
 
 def _find(source: TensorSource, name: str, model_dir) -> str:
