@@ -103,32 +103,6 @@ def knn_faiss(x_unit: np.ndarray, y_unit: np.ndarray, k: int, index: str = "Flat
     return x2y_sim, x2y_ind, y2x_sim, y2x_ind
 
 
-def select_pairs(x2y_sim, x2y_ind, y2x_sim, y2x_ind) -> mining.MinedPairs:
-    """Forward and backward best-margin candidates, union sorted by score, greedy 1-to-1.
-
-    The same rule and tie order as `mining.mine_pairs` (which fuses it with `knn_both`),
-    factored out so any neighbour search can feed it.
-    """
-    fwd, bwd = mining.margin_candidates(x2y_sim, x2y_ind, y2x_sim, y2x_ind)
-    nx, ny = len(x2y_sim), len(y2x_sim)
-    fwd_j = np.argmax(fwd, axis=1)
-    bwd_j = np.argmax(bwd, axis=1)
-    src = np.concatenate([np.arange(nx), y2x_ind[np.arange(ny), bwd_j]])
-    trg = np.concatenate([x2y_ind[np.arange(nx), fwd_j], np.arange(ny)])
-    score = np.concatenate([fwd[np.arange(nx), fwd_j], bwd[np.arange(ny), bwd_j]])
-    order = np.argsort(-score, kind="stable")
-    used_src = np.zeros(nx, bool)
-    used_trg = np.zeros(ny, bool)
-    keep = []
-    for i in order.tolist():
-        s, t = src[i], trg[i]
-        if not used_src[s] and not used_trg[t]:
-            used_src[s] = used_trg[t] = True
-            keep.append(i)
-    keep = np.asarray(keep, dtype=np.int64)
-    return mining.MinedPairs(src=src[keep].astype(np.int64), trg=trg[keep].astype(np.int64), score=score[keep])
-
-
 def mine(x: np.ndarray, y: np.ndarray, k: int = 4, backend: str = "exact",
          block_elems: int = mining.DEFAULT_BLOCK_ELEMS, faiss_index: str = "Flat", nprobe: int = 16
          ) -> mining.MinedPairs:
@@ -142,7 +116,7 @@ def mine(x: np.ndarray, y: np.ndarray, k: int = 4, backend: str = "exact",
         knn = knn_faiss(xu, yu, k, faiss_index, nprobe)
     else:
         raise ValueError(f"backend={backend!r}: expected 'exact' or 'faiss'")
-    return select_pairs(*knn)
+    return mining.select_pairs(*knn)
 
 
 # ---------------------------------------------------------------------- text and files

@@ -155,11 +155,19 @@ def mine_pairs(x: np.ndarray, y: np.ndarray, k: int = 4, block_elems: int = DEFA
     (in source order) before backward ones (in target order).
     """
     xu, yu = l2_normalize(x), l2_normalize(y)
-    x2y_sim, x2y_ind, y2x_sim, y2x_ind = knn_both(xu, yu, k, block_elems)
+    return select_pairs(*knn_both(xu, yu, k, block_elems))
+
+
+def select_pairs(x2y_sim: np.ndarray, x2y_ind: np.ndarray, y2x_sim: np.ndarray, y2x_ind: np.ndarray) -> MinedPairs:
+    """Forward and backward best-margin candidates, their union sorted by score, greedy 1-to-1.
+
+    Takes any neighbour search's k-NN lists ([n, k] cosines and indices, both directions),
+    so the exact path (`knn_both`) and faiss (`mst5_jax.mine`) share one rule and tie order.
+    """
     fwd, bwd = margin_candidates(x2y_sim, x2y_ind, y2x_sim, y2x_ind)
     fwd_j = np.argmax(fwd, axis=1)
     bwd_j = np.argmax(bwd, axis=1)
-    nx, ny = len(xu), len(yu)
+    nx, ny = len(x2y_sim), len(y2x_sim)
     src = np.concatenate([np.arange(nx), y2x_ind[np.arange(ny), bwd_j]])
     trg = np.concatenate([x2y_ind[np.arange(nx), fwd_j], np.arange(ny)])
     score = np.concatenate([fwd[np.arange(nx), fwd_j], bwd[np.arange(ny), bwd_j]])
@@ -167,7 +175,7 @@ def mine_pairs(x: np.ndarray, y: np.ndarray, k: int = 4, block_elems: int = DEFA
     used_src = np.zeros(nx, bool)
     used_trg = np.zeros(ny, bool)
     keep = []
-    for i in order:
+    for i in order.tolist():
         s, t = src[i], trg[i]
         if not used_src[s] and not used_trg[t]:
             used_src[s] = used_trg[t] = True
