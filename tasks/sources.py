@@ -170,13 +170,8 @@ def read_xnli1(data_dir: os.PathLike, split: str, langs: Sequence[str] = XNLI_LA
 
     def records():
         if path.suffix == ".jsonl":
-            with _open_text(path) as f:
-                for line_no, line in enumerate(f, 1):
-                    try:
-                        d = json.loads(line)
-                    except json.JSONDecodeError:
-                        bad.add(line_no, "not JSON")
-                        continue
+            for line_no, d in _jsonl(path, bad):
+                if d is not None:
                     yield (d.get("pairID"), line_no, d.get("language"), d.get("sentence1"),
                            d.get("sentence2"), d.get("gold_label"))
         else:
@@ -196,6 +191,18 @@ def read_xnli1(data_dir: os.PathLike, split: str, langs: Sequence[str] = XNLI_LA
     return _aligned_from_pairs(f"xnli1/{s}", records(), langs, bad)
 
 
+def _jsonl(path: pathlib.Path, bad: "BadRows"):
+    """(line number, object) per line of a jsonl file; an undecodable line is counted in `bad`
+    and yields (line number, None)."""
+    with _open_text(path) as f:
+        for line_no, line in enumerate(f, 1):
+            try:
+                yield line_no, json.loads(line)
+            except json.JSONDecodeError:
+                bad.add(line_no, "not JSON")
+                yield line_no, None
+
+
 def read_nli_file(path: os.PathLike, *, premise: str | int = "sentence1", hypothesis: str | int = "sentence2",
                   label: str | int = "gold_label", header: bool = True,
                   quoting: int = csv.QUOTE_NONE) -> list[Optional[NliRow]]:
@@ -210,15 +217,8 @@ def read_nli_file(path: os.PathLike, *, premise: str | int = "sentence1", hypoth
     bad = BadRows(str(path))
     out: list[Optional[NliRow]] = []
     if path.suffix == ".jsonl":
-        with _open_text(path) as f:
-            for line_no, line in enumerate(f, 1):
-                try:
-                    d = json.loads(line)
-                except json.JSONDecodeError:
-                    bad.add(line_no, "not JSON")
-                    out.append(None)
-                    continue
-                out.append(make_row(d.get(premise), d.get(hypothesis), d.get(label), line_no, bad))
+        for line_no, d in _jsonl(path, bad):  # a broken line still counts as a row read
+            out.append(None if d is None else make_row(d.get(premise), d.get(hypothesis), d.get(label), line_no, bad))
     else:
         recs = _tsv_records(path, quoting=quoting)
         cols = [premise, hypothesis, label]
