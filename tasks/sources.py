@@ -283,11 +283,7 @@ def _read_tfds_xnli_cached(name: str, split: str, data_dir: Optional[str], langs
     label (ClassLabel entailment/neutral/contradiction).
     """
     tfds = _tfds()
-    try:
-        ds = tfds.load(name, split=split, data_dir=data_dir, download=False)
-    except Exception as e:
-        raise FileNotFoundError(f"TFDS dataset {name!r} split {split!r} is not available "
-                                f"(data_dir={data_dir}): {e}") from e
+    ds = _tfds_load(tfds, name, split, data_dir)
     bad = BadRows(f"tfds:{name}/{split}")
 
     def records():
@@ -301,14 +297,19 @@ def _read_tfds_xnli_cached(name: str, split: str, data_dir: Optional[str], langs
     return _aligned_from_pairs(f"tfds:{name}/{split}", records(), langs, bad)
 
 
-def read_tfds_nli(name: str, split: str = "train", data_dir: Optional[str] = None) -> list[Optional[NliRow]]:
-    """TFDS ``snli`` or ``multi_nli`` rows (label -1, i.e. no gold label, is skipped)."""
-    tfds = _tfds()
+def _tfds_load(tfds, name: str, split: str, data_dir: Optional[str]):
+    """`tfds.load` without downloading; a missing dataset names itself, its split and data_dir."""
     try:
-        ds = tfds.load(name, split=split, data_dir=data_dir, download=False)
+        return tfds.load(name, split=split, data_dir=data_dir, download=False)
     except Exception as e:
         raise FileNotFoundError(f"TFDS dataset {name!r} split {split!r} is not available "
                                 f"(data_dir={data_dir}): {e}") from e
+
+
+def read_tfds_nli(name: str, split: str = "train", data_dir: Optional[str] = None) -> list[Optional[NliRow]]:
+    """TFDS ``snli`` or ``multi_nli`` rows (label -1, i.e. no gold label, is skipped)."""
+    tfds = _tfds()
+    ds = _tfds_load(tfds, name, split, data_dir)
     bad = BadRows(f"tfds:{name}/{split}")
     out = [make_row(_text(ex["premise"]), _text(ex["hypothesis"]), int(ex["label"]), i + 1, bad)
            for i, ex in enumerate(tfds.as_numpy(ds))]
