@@ -128,44 +128,6 @@ def random_model(cfg: EncoderConfig, seed: int):
     return nnx.merge(graphdef, state)
 
 
-@jax.jit
-def _stack_transposed(*layers):
-    return jnp.stack([x.T for x in layers])
-
-
-def load_shared_weights(wdir: pathlib.Path, cfg: EncoderConfig):
-    """The shared safetensors as a `SentenceModel`, transposing [out, in] -> [in, out] on the device.
-
-    Same name mapping as `checkpoints.load_hf_weights` (`checkpoints.hf_names`), which
-    transposes on the host instead: numpy's strided bf16 copy runs at 0.1-0.5 GB/s, so
-    the 9.3 GB of xxl kernels would take minutes of the 300 s budget (see NOTES.md).
-    """
-    source = checkpoints.SafetensorsFile(wdir / checkpoints.SAFETENSORS)
-    try:
-        graphdef, state = nnx.split(abstract_model(cfg))
-        names = checkpoints.hf_names(cfg)
-        for path, var in nnx.to_flat_state(state):
-            pname = path_str(path)
-            entries = names[pname]
-            shape = tuple(var.get_value().shape)
-            if pname.startswith("encoder/layers/"):
-                if any(t for _, t in entries):
-                    value = _stack_transposed(*[jax.device_put(source.get(n)) for n, _ in entries])
-                else:
-                    value = jnp.stack([jax.device_put(source.get(n)) for n, _ in entries])
-            else:
-                ((n, transpose),) = entries
-                value = jax.device_put(source.get(n))
-                value = value.T if transpose else value
-            if tuple(value.shape) != shape or str(value.dtype) != cfg.param_dtype:
-                raise ValueError(f"{wdir}: {pname} came out {value.shape} {value.dtype}, expected {shape} "
-                                 f"{cfg.param_dtype}")
-            var.set_value(value)
-        return nnx.merge(graphdef, state)
-    finally:
-        source.close()
-
-
 # ---------------------------------------------------------------------- prep
 def task_prep(spec: dict, job: dict, rows: common.RowWriter) -> None:
     if job.get("matmul"):
@@ -264,7 +226,7 @@ def task_fwd(spec: dict, job: dict, rows: common.RowWriter) -> None:
     wdir = pathlib.Path(spec["weights_dir"][name])
     ids = np.load(spec["ids"])
     t0 = time.perf_counter()
-    model = load_shared_weights(wdir, cfg)
+    model = checkpoints.load_hf_weights(wdir, cfg)
     lora.load_peft_adapter(model, wdir / "adapter")
     jax.block_until_ready(nnx.state(model))
     load_s = time.perf_counter() - t0

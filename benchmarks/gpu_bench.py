@@ -36,7 +36,7 @@ for every LoRA parameter, AdamW (lr 1e-4, no weight decay).
 
 MFU = model FLOPs / (time x the larger bf16 matmul peak measured in this run), model FLOPs
 = forward 2·N_nonemb·tokens + attention products, plus for a train step the activation
-gradients (as much again) and the LoRA weight gradients (`mst5_jax.train.model_flops_per_triplet`);
+gradients (as much again) and the LoRA weight gradients (`mst5_jax.flops.model_flops_per_triplet`);
 recompute is not counted.
 
 The reference rows need torch, transformers and peft; where they are not importable
@@ -432,7 +432,7 @@ def add_flops(rows: list[dict], spec: dict) -> float | None:
     peaks = [r["value"] for r in rows if r.get("section") == "matmul" and r.get("status") == "ok"]
     peak = max(peaks) if peaks else None
     from mst5_jax.config import EncoderConfig
-    from mst5_jax.train import model_flops_per_triplet
+    from mst5_jax.flops import model_flops_per_triplet
 
     for r in rows:
         if r.get("status") != "ok" or r.get("kind") not in ("encode", "train") or r.get("section") == "e2e":

@@ -7,6 +7,11 @@ in its final dtype (per-layer tensors written into one stacked buffer), placed o
 devices with its sharding, and released before the next one, so a 51.7 GB fp32 mt5-xxl
 `.bin` (encoder, decoder and lm_head) never needs a second full copy in memory.
 
+Kernels cross in torch's [out, in] layout and are transposed on the devices, where each
+shard transposes locally (the placement uses the target sharding with its last two axes
+swapped): numpy's strided 2-byte copy runs at 0.1-0.5 GB/s, which for xxl's 9.3 GB of
+kernels would be minutes of host time in both directions (`benchmarks/NOTES.md`).
+
 HF name -> parameter path (kernels are the transpose of torch's `weight`):
 
     shared.weight | encoder.embed_tokens.weight              -> encoder/token_embedder/embedding
@@ -23,6 +28,7 @@ HF name -> parameter path (kernels are the transpose of torch's `weight`):
 """
 from __future__ import annotations
 
+import functools
 import itertools
 import json
 import logging
@@ -300,29 +306,33 @@ def load_hf_weights(
             entries = names.get(name)
             if entries is None:
                 raise CheckpointError(f"{model_dir}: no HF tensor mapping for parameter {name}")
-            host = np.empty(shape, target_dtype)
+            transpose = {t for _, t in entries} == {True}
+            host = np.empty(_swap_last_two(shape) if transpose else shape, target_dtype)
             stacked = len(entries) > 1 or name.startswith("encoder/layers/")
-            for i, (tname, transpose) in enumerate(entries):
+            for i, (tname, _) in enumerate(entries):
                 tname = _find(source, tname, model_dir)
                 used.add(tname)
                 t = source.get(tname)
                 if not (np.issubdtype(t.dtype, np.floating) or t.dtype == ml_dtypes.bfloat16):
                     raise CheckpointError(f"{model_dir}: tensor {tname} has dtype {t.dtype}; expected a floating "
                                           "dtype (float32, float16, bfloat16 or float64)")
-                t = t.T if transpose else t
                 want = shape[1:] if stacked else shape
+                want = _swap_last_two(want) if transpose else want
                 if tuple(t.shape) != tuple(want):
                     raise CheckpointError(
-                        f"{model_dir}: tensor {tname} has shape {tuple(t.shape)[::-1] if transpose else tuple(t.shape)}, "
-                        f"expected {tuple(want)[::-1] if transpose else tuple(want)} for config "
+                        f"{model_dir}: tensor {tname} has shape {tuple(t.shape)}, expected {tuple(want)} for config "
                         f"(d_model={cfg.d_model}, d_ff={cfg.d_ff}, heads={cfg.num_heads}, d_kv={cfg.d_kv}, "
                         f"vocab={cfg.vocab_size})")
-                _copy_released(host[i] if stacked else host, t, transpose, lambda: source.release(tname))
+                _copy_released(host[i] if stacked else host, t, lambda: source.release(tname))
                 if not _all_finite(host[i] if stacked else host):
                     raise CheckpointError(f"{model_dir}: tensor {tname} contains NaN or Inf")
                 del t
                 source.release(tname)
-            leaves[name] = _place(host, (shardings or {}).get(name))
+            sharding = (shardings or {}).get(name)
+            if transpose:
+                leaves[name] = _transpose_on_device(_place(host, _swapped_sharding(sharding, host.ndim)), sharding)
+            else:
+                leaves[name] = _place(host, sharding)
             del host
         for name, (tname, transpose) in (extra or {}).items():
             t = source.get(_find(source, tname, model_dir))
@@ -355,24 +365,49 @@ def _all_finite(a: np.ndarray, chunk: int = 1 << 22) -> bool:
 _CHUNK_BYTES = 64 << 20
 
 
-def _copy_released(dst: np.ndarray, src: np.ndarray, transposed: bool, release: Callable[[], None]) -> None:
-    """dst[...] = src (cast), in ~64 MiB pieces of the source, dropping its pages after each.
+def _copy_released(dst: np.ndarray, src: np.ndarray, release: Callable[[], None]) -> None:
+    """dst[...] = src (cast), in ~64 MiB pieces of rows, dropping the source's pages after each.
 
-    `src` is a (possibly transposed) view of a memory-mapped tensor: copying piece by piece
-    keeps only one piece of the file resident, so a 768 MB embedding costs 64 MB, not 768.
+    `src` is a memory-mapped tensor: copying piece by piece keeps only one piece of the file
+    resident, so a 768 MB embedding costs 64 MB, not 768.
     """
-    rows_axis = 1 if transposed else 0  # the source tensor's leading (contiguous) axis
-    n = src.shape[rows_axis] if src.ndim else 1
-    row_bytes = max(src.nbytes // max(n, 1), 1)
-    step = max(_CHUNK_BYTES // row_bytes, 1)
+    n = src.shape[0] if src.ndim else 1
+    step = max(_CHUNK_BYTES // max(src.nbytes // max(n, 1), 1), 1)
     if src.ndim == 0 or n <= step:
         np.copyto(dst, src, casting="unsafe")
         release()
         return
     for r in range(0, n, step):
-        sl = (slice(None), slice(r, r + step)) if transposed else (slice(r, r + step),)
-        np.copyto(dst[sl], src[sl], casting="unsafe")
+        np.copyto(dst[r:r + step], src[r:r + step], casting="unsafe")
         release()
+
+
+def _swap_last_two(shape: tuple) -> tuple:
+    return (*shape[:-2], shape[-1], shape[-2])
+
+
+def _swapped_sharding(sharding: Optional[jax.sharding.Sharding], ndim: int) -> Optional[jax.sharding.Sharding]:
+    """`sharding` for the array with its last two axes swapped (so the transpose is shard-local)."""
+    if sharding is None or sharding.is_fully_replicated:
+        return sharding
+    if not isinstance(sharding, jax.sharding.NamedSharding):
+        raise TypeError(f"kernel shardings must be NamedSharding or fully replicated, got {sharding}")
+    spec = tuple(sharding.spec) + (None,) * (ndim - len(sharding.spec))
+    return jax.sharding.NamedSharding(sharding.mesh, jax.sharding.PartitionSpec(*_swap_last_two(spec)))
+
+
+def _swap_axes(a: jax.Array) -> jax.Array:
+    return jnp.swapaxes(a, -1, -2)
+
+
+@functools.lru_cache(maxsize=None)
+def _swap_jit(sharding: Optional[jax.sharding.Sharding]) -> Callable:
+    return jax.jit(_swap_axes) if sharding is None else jax.jit(_swap_axes, out_shardings=sharding)
+
+
+def _transpose_on_device(x: jax.Array, sharding: Optional[jax.sharding.Sharding]) -> jax.Array:
+    """x with its last two axes swapped, computed where x lives, placed with `sharding`."""
+    return _swap_jit(sharding)(x)
 
 
 def _find(source: TensorSource, name: str, model_dir) -> str:
@@ -397,13 +432,15 @@ def hf_state_dict(model: SentenceModel, dtype: Optional[str] = None) -> Iterator
     cfg = model.cfg
     flat = {path_str(p): v for p, v in nnx.to_flat_state(nnx.state(model, nnx.Param))}
     for name, entries in hf_names(cfg).items():
-        value = np.asarray(jax.device_get(flat[name].get_value()))
+        value = flat[name].get_value()
+        if {t for _, t in entries} == {True}:  # to torch's [out, in], on the devices (see the module doc)
+            value = _transpose_on_device(value, None)
+        value = np.asarray(jax.device_get(value))
         if dtype is not None:
             value = value.astype(np.float32 if dtype == "float32" else ml_dtypes.bfloat16)
         stacked = len(entries) > 1 or name.startswith("encoder/layers/")
-        for i, (tname, transpose) in enumerate(entries):
-            t = value[i] if stacked else value
-            yield tname, np.ascontiguousarray(t.T if transpose else t)
+        for i, (tname, _) in enumerate(entries):
+            yield tname, value[i] if stacked else value
 
 
 def write_safetensors(path: str | os.PathLike, tensors: Iterator[tuple[str, np.ndarray]],

@@ -30,6 +30,7 @@ from flax import nnx
 
 from mst5_jax import partitioning
 from mst5_jax.config import EncoderConfig
+from mst5_jax.flops import model_flops_per_triplet
 from mst5_jax.partitioning import MeshConfig
 from mst5_jax.train_step import LossConfig
 
@@ -202,22 +203,6 @@ def make_optimizer(o: OptimizerConfig, schedule_steps: int) -> optax.GradientTra
     else:
         raise ValueError(f"OptimizerConfig.name={o.name!r}: expected adamw or adafactor")
     return optax.chain(*parts)
-
-
-# ---------------------------------------------------------------------- FLOPs
-def model_flops_per_triplet(cfg: EncoderConfig, length: int, lora_params: int, full_finetune: bool,
-                            texts: int = 3) -> float:
-    """Model FLOPs of one training triplet (recompute not counted).
-
-    2·N·tokens forward + 2·N·tokens activation gradients (+ 2·N·tokens weight gradients in
-    full fine-tuning, or the LoRA weight-gradient FLOPs, 2·P_lora·tokens).
-    """
-    n = cfg.num_params(include_embedding=False)
-    tokens = texts * length
-    attn = 2 * 2 * cfg.num_layers * length * cfg.inner_dim * tokens  # QK^T and AV, fwd
-    fwd = 2 * n * tokens + attn
-    bwd = fwd + (2 * n * tokens if full_finetune else 2 * lora_params * tokens)
-    return float(fwd + bwd)
 
 
 # ---------------------------------------------------------------------- metrics sink

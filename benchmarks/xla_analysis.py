@@ -1,0 +1,118 @@
+"""What XLA makes of the LoRA training step, without running it: FLOPs and memory per remat policy.
+
+    python benchmarks/xla_analysis.py --model mt5-xxl --batch 32 --length 64 \
+        --remat none dots residual full [--microbatch 8] [--json out.json]
+
+The step is the project's own (`train_step.make_train_step`: bf16 frozen base, fp32 LoRA
+r=8 on q and v, AdamW, the full N x 2N loss), lowered with abstract arguments and compiled
+for the local backend, so an xxl step can be examined on a CPU without 10 GiB of weights.
+
+Per policy it prints:
+  - `flops`: the matmul FLOPs of the differentiated program (every `dot_general` of the
+    step's jaxpr, scans multiplied by their length, remat recompute included), divided by
+    the model FLOPs of `flops.model_flops_per_triplet` (recompute not counted). 1.0 means
+    no recompute; full remat of the forward adds about 0.5. (XLA's own cost analysis
+    counts a while-loop body once, so it cannot see a scanned stack's FLOPs.)
+  - `temp GiB`: XLA's temporary buffers (activations kept for the backward, workspaces),
+    and `total GiB` = arguments + outputs + temporaries - donated aliases.
+
+The FLOPs do not depend on the backend. The memory is the CPU compiler's fusion and
+buffer assignment when run on a CPU, so only an estimate of the GPU peak
+(`benchmarks/NOTES.md` compares both).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import pathlib
+import sys
+import time
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import optax  # noqa: E402
+from flax import nnx  # noqa: E402
+
+from mst5_jax import lora, partitioning, train_step  # noqa: E402
+from mst5_jax.config import EncoderConfig  # noqa: E402
+from mst5_jax.model import REMAT_POLICIES, init_model  # noqa: E402
+from mst5_jax.flops import matmul_flops, model_flops_per_triplet  # noqa: E402
+
+GIB = 1024**3
+LORA = lora.LoRAConfig(rank=8, alpha=16, targets=["q", "v"])
+
+
+def _as(x, dtype):
+    return jax.ShapeDtypeStruct(x.shape, dtype)
+
+
+def analyse(cfg: EncoderConfig, batch: int, length: int, microbatch: int | None = None) -> dict:
+    """Compiles the LoRA step for `cfg` on abstract inputs and returns XLA's accounts of it."""
+
+    def build():
+        model = init_model(cfg, 0)
+        return lora.apply_lora(model, LORA, 0)
+
+    model = nnx.eval_shape(build)
+    graphdef, params, frozen = lora.split_trainable(model, "lora")
+    params = jax.tree.map(lambda x: _as(x, jnp.float32), params)
+    frozen = jax.tree.map(lambda x: _as(x, cfg.param_dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x, frozen)
+    mesh = partitioning.make_mesh(partitioning.MeshConfig(), jax.devices()[:1])
+    rules = partitioning.logical_axis_rules("single")
+    optimizer = optax.adamw(1e-4)
+    shardings = train_step.StepShardings(train_step.train_state_shardings(params, optimizer, mesh, rules),
+                                         train_step.state_shardings(frozen, mesh, rules))
+    state = jax.eval_shape(lambda p: train_step.TrainState.create(p, optimizer), params)
+    ids = jax.ShapeDtypeStruct((batch, length), jnp.int32)
+    step = train_step.make_train_step(graphdef, optimizer, train_step.LossConfig(), mesh, shardings,
+                                      microbatch_size=microbatch)
+    args = (state, frozen, {"anchor": ids, "positive": ids, "negative": ids})
+    flops = matmul_flops(step.trace(*args).jaxpr.jaxpr)
+    t0 = time.perf_counter()
+    compiled = step.lower(*args).compile()
+    compile_s = time.perf_counter() - t0
+    mem = compiled.memory_analysis()
+    lora_params = sum(x.size for x in jax.tree.leaves(params))
+    model_flops = batch * model_flops_per_triplet(cfg, length, lora_params, full_finetune=False)
+    weights = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(frozen))
+    return {
+        "model": cfg.name, "batch": batch, "length": length, "remat": cfg.remat, "microbatch": microbatch,
+        "backend": jax.default_backend(), "jax": jax.__version__, "compile_s": round(compile_s, 1),
+        "matmul_flops": flops, "model_flops": model_flops, "flops_ratio": flops / model_flops,
+        "weights_gib": weights / GIB,
+        "temp_gib": mem.temp_size_in_bytes / GIB,
+        "total_gib": (mem.argument_size_in_bytes + mem.output_size_in_bytes + mem.temp_size_in_bytes
+                      - mem.alias_size_in_bytes) / GIB,
+    }
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--model", default="mt5-xxl", help="an EncoderConfig preset")
+    ap.add_argument("--num_layers", type=int, default=None,
+                    help="override the layer count (FLOPs and per-layer memory scale linearly)")
+    ap.add_argument("--batch", type=int, default=32, help="triplets per step")
+    ap.add_argument("--length", type=int, default=64)
+    ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"],
+                    help="compute and frozen-weight dtype (on a CPU, float32 avoids XLA's bf16 upcasts)")
+    ap.add_argument("--remat", nargs="+", default=list(REMAT_POLICIES) + ["none"], choices=list(REMAT_POLICIES) + ["none"])
+    ap.add_argument("--microbatch", type=int, default=None, help="GradCache micro-batch (triplets)")
+    ap.add_argument("--json", type=pathlib.Path, default=None, help="append one JSON object per policy")
+    args = ap.parse_args(argv)
+    overrides = {} if args.num_layers is None else {"num_layers": args.num_layers}
+    print(f"{'remat':>9} {'flops/model':>11} {'temp GiB':>9} {'total GiB':>9} {'compile s':>9}")
+    for remat in args.remat:
+        cfg = EncoderConfig.preset(args.model, dtype=args.dtype, param_dtype=args.dtype, remat=remat, **overrides)
+        row = analyse(cfg, args.batch, args.length, args.microbatch)
+        print(f"{remat:>9} {row['flops_ratio']:>11.3f} {row['temp_gib']:>9.2f} {row['total_gib']:>9.2f} "
+              f"{row['compile_s']:>9.1f}", flush=True)
+        if args.json:
+            with open(args.json, "a") as f:
+                f.write(json.dumps(row) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
