@@ -271,11 +271,12 @@ def task_fwd(spec: dict, job: dict, rows: common.RowWriter) -> None:
 # ---------------------------------------------------------------------- step
 def task_step(spec: dict, job: dict, rows: common.RowWriter) -> None:
     name, remat, micro = job["model"], job["remat"], job.get("microbatch")
+    cached = bool(job.get("cache_layer_inputs"))
     ids = np.load(spec["ids"])
     batch_np = {c: ids[f"{job['ids']}_{c}"] for c in ("anchor", "positive", "negative")}
     b, length = batch_np["anchor"].shape
     row = dict(section=job["section"], side="ours", model=name, config=job["config"], kind="train",
-               batch=b, length=length, remat=remat, microbatch=micro)
+               batch=b, length=length, remat=remat, microbatch=micro, cache_layer_inputs=cached)
 
     def run():
         cfg = encoder_config(spec, name, remat=remat)
@@ -293,7 +294,7 @@ def task_step(spec: dict, job: dict, rows: common.RowWriter) -> None:
         del model
         init_s = time.perf_counter() - t0
         step = train_step.make_train_step(graphdef, optimizer, train_step.LossConfig(temperature=common.TEMPERATURE),
-                                          mesh, shardings, microbatch_size=micro)
+                                          mesh, shardings, microbatch_size=micro, cache_layer_inputs=cached)
         bsh = partitioning.batch_sharding(mesh, 1)
         batch = {c: jax.device_put(v, bsh) for c, v in batch_np.items()}
         t0 = time.perf_counter()

@@ -13,12 +13,15 @@ Rows (core suite, mT5 sizes, bf16 compute and weights, LoRA r=8 on q and v, drop
   xxl_step   LoRA train step, xxl, 32 triplets x 64 tokens: ours with the best remat
              policy (--best-remat) and full remat; the reference eager with and without
              gradient checkpointing.
-  gradcache  ours, 1024 triplets x 64 tokens, GradCache micro-batches of 128: triplets/s
-             and peak memory over 3 steps.
+  gradcache  ours, 1024 triplets x 64 tokens, GradCache micro-batches of 128 with cached
+             layer inputs (`mst5_jax.gradcache`: the FLOPs of one full-remat step):
+             triplets/s and peak memory over 3 steps.
   base_fwd   parity and encode for mT5-base, 512 x 64.
   e2e        `SentenceEncoder.encode` end to end on real Tatoeba text (tokenisation included).
   step128    ours, 128 triplets, the GradCache remat policy, no GradCache: the baseline
              GradCache's throughput is compared with.
+  gradcache_plain  the same GradCache without cached layer inputs (bounded memory, one
+             extra forward: at most ~74% of step128 by FLOPs); last, as the budget allows.
 
 Rules (issue 9): every configuration runs in its own subprocess (JAX cannot reset its
 peak-memory counter, and neither framework hands memory back); an out-of-memory
@@ -66,7 +69,7 @@ sys.path.insert(0, str(HERE))
 import _bench_common as common  # noqa: E402
 
 REPO = common.REPO
-SECTIONS = ("xxl_fwd", "xxl_step", "gradcache", "base_fwd", "e2e", "step128")
+SECTIONS = ("xxl_fwd", "xxl_step", "gradcache", "base_fwd", "e2e", "step128", "gradcache_plain")
 EMBEDDING_COSINE = 0.999
 GRADIENT_COSINE = 0.99
 HISTORY = "history.jsonl"  # every run's rows, in the work folder (--resume reads it)
@@ -158,6 +161,7 @@ def plan_jobs(sizes: dict, sections: list[str], best_remat: str, gradcache_remat
         ids = f"step_xxl_{b}x{length}"
         if side == "ours":
             what = f"remat={kw['remat']}" + (f", GradCache micro-batch {kw['microbatch']}" if kw.get("microbatch") else "")
+            what += ", cached layer inputs" if kw.get("cache_layer_inputs") else ""
         else:
             what = "eager + gradient checkpointing" if kw.get("checkpointing") else "eager"
         config = f"xxl LoRA step {b}x{length}, {what}"
@@ -177,9 +181,9 @@ def plan_jobs(sizes: dict, sections: list[str], best_remat: str, gradcache_remat
                      step(section, "ref", *args, checkpointing=False),
                      step(section, "ref", *args, checkpointing=True),
                      step(section, "ours", *args, remat="full")]
-        elif section == "gradcache":
+        elif section in ("gradcache", "gradcache_plain"):
             j = step(section, "ours", gc["triplets"], gc["length"], gc["warmup"], gc["iters"],
-                     remat=gradcache_remat, microbatch=gc["microbatch"])
+                     remat=gradcache_remat, microbatch=gc["microbatch"], cache_layer_inputs=section == "gradcache")
             j.cap_s *= 1.5
             jobs.append(j)
         elif section == "step128":
@@ -472,9 +476,11 @@ def ratios(rows: list[dict]) -> dict:
                 {"ratio": max(r["value"] for r in within) / ckpt[0]["value"], "memory_limit_gib": limit}
                 if within else {"ratio": None, "memory_limit_gib": limit,
                                 "note": "no configuration of ours fits under the reference's checkpointing peak"})
-    gc, base = pick(section="gradcache", side="ours"), pick(section="step128", side="ours")
-    if gc and base:
-        out["gradcache_vs_step128"] = gc[0]["value"] / base[0]["value"]
+    base = pick(section="step128", side="ours")
+    for section, key in (("gradcache", "gradcache_vs_step128"), ("gradcache_plain", "gradcache_plain_vs_step128")):
+        gc = pick(section=section, side="ours")
+        if gc and base:
+            out[key] = gc[0]["value"] / base[0]["value"]
     return out
 
 

@@ -48,7 +48,8 @@ def _as(x, dtype):
     return jax.ShapeDtypeStruct(x.shape, dtype)
 
 
-def analyse(cfg: EncoderConfig, batch: int, length: int, microbatch: int | None = None) -> dict:
+def analyse(cfg: EncoderConfig, batch: int, length: int, microbatch: int | None = None,
+            cache_layer_inputs: bool = False) -> dict:
     """Compiles the LoRA step for `cfg` on abstract inputs and returns XLA's accounts of it."""
 
     def build():
@@ -67,7 +68,7 @@ def analyse(cfg: EncoderConfig, batch: int, length: int, microbatch: int | None 
     state = jax.eval_shape(lambda p: train_step.TrainState.create(p, optimizer), params)
     ids = jax.ShapeDtypeStruct((batch, length), jnp.int32)
     step = train_step.make_train_step(graphdef, optimizer, train_step.LossConfig(), mesh, shardings,
-                                      microbatch_size=microbatch)
+                                      microbatch_size=microbatch, cache_layer_inputs=cache_layer_inputs)
     args = (state, frozen, {"anchor": ids, "positive": ids, "negative": ids})
     flops = matmul_flops(step.trace(*args).jaxpr.jaxpr)
     t0 = time.perf_counter()
@@ -79,6 +80,7 @@ def analyse(cfg: EncoderConfig, batch: int, length: int, microbatch: int | None 
     weights = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(frozen))
     return {
         "model": cfg.name, "batch": batch, "length": length, "remat": cfg.remat, "microbatch": microbatch,
+        "cache_layer_inputs": cache_layer_inputs,
         "backend": jax.default_backend(), "jax": jax.__version__, "compile_s": round(compile_s, 1),
         "matmul_flops": flops, "model_flops": model_flops, "flops_ratio": flops / model_flops,
         "weights_gib": weights / GIB,
@@ -99,13 +101,14 @@ def main(argv=None) -> int:
                     help="compute and frozen-weight dtype (on a CPU, float32 avoids XLA's bf16 upcasts)")
     ap.add_argument("--remat", nargs="+", default=list(REMAT_POLICIES) + ["none"], choices=list(REMAT_POLICIES) + ["none"])
     ap.add_argument("--microbatch", type=int, default=None, help="GradCache micro-batch (triplets)")
+    ap.add_argument("--cache_layer_inputs", action="store_true", help="GradCache keeps the block inputs")
     ap.add_argument("--json", type=pathlib.Path, default=None, help="append one JSON object per policy")
     args = ap.parse_args(argv)
     overrides = {} if args.num_layers is None else {"num_layers": args.num_layers}
     print(f"{'remat':>9} {'flops/model':>11} {'temp GiB':>9} {'total GiB':>9} {'compile s':>9}")
     for remat in args.remat:
         cfg = EncoderConfig.preset(args.model, dtype=args.dtype, param_dtype=args.dtype, remat=remat, **overrides)
-        row = analyse(cfg, args.batch, args.length, args.microbatch)
+        row = analyse(cfg, args.batch, args.length, args.microbatch, args.cache_layer_inputs)
         print(f"{remat:>9} {row['flops_ratio']:>11.3f} {row['temp_gib']:>9.2f} {row['total_gib']:>9.2f} "
               f"{row['compile_s']:>9.1f}", flush=True)
         if args.json:

@@ -46,6 +46,14 @@ def activation_bytes(enc: EncoderConfig, triplets_per_device: int, length: int, 
     return enc.num_layers * working + working
 
 
+def cached_layer_input_bytes(enc: EncoderConfig, triplets_per_device: int, length: int) -> int:
+    """What GradCache with cached layer inputs keeps for the whole step: every block's
+    input and the last block's output, (num_layers + 1) x tokens x d_model in the compute
+    dtype (`mst5_jax.gradcache`)."""
+    item = 2 if enc.dtype == "bfloat16" else 4
+    return (enc.num_layers + 1) * 3 * triplets_per_device * length * enc.d_model * item
+
+
 def check(cfg) -> dict[str, Any]:
     """Per-device bytes of the run on its own hardware; raises if it does not fit or divide."""
     from mst5_jax import lora
@@ -88,6 +96,9 @@ def check(cfg) -> dict[str, Any]:
     }
     per_device_batch = (cfg.microbatch_size or cfg.batch_size) // data_shards or 1
     per_dev["activations_estimate"] = activation_bytes(enc, per_device_batch, cfg.max_length, cfg.remat)
+    if cfg.microbatch_size and cfg.gradcache_cache_layer_inputs:
+        per_dev["gradcache_layer_inputs"] = cached_layer_input_bytes(enc, cfg.batch_size // data_shards or 1,
+                                                                     cfg.max_length)
     total = sum(per_dev.values())
     report = {
         "num_devices": num_devices,

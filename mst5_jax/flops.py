@@ -29,12 +29,16 @@ def model_flops_per_triplet(cfg: EncoderConfig, length: int, lora_params: int, f
     return float(fwd + bwd)
 
 
-def matmul_flops(jaxpr: jax.extend.core.Jaxpr) -> float:
+def matmul_flops(jaxpr: jax.extend.core.Jaxpr, dce: bool = True) -> float:
     """2 x M x N x K summed over every `dot_general` of `jaxpr` and its sub-jaxprs.
 
     Scan bodies count `length` times, the costlier `cond` branch once; a `while` loop has no
-    static trip count and raises. Use on `jax.jit(f).trace(*args).jaxpr.jaxpr`.
+    static trip count and raises. Use on `jax.jit(f).trace(*args).jaxpr.jaxpr`. With `dce`,
+    equations whose results are never used are dropped first, as XLA drops them (a
+    `jax.vjp` inside a custom backward computes a primal output nobody reads).
     """
+    if dce:
+        jaxpr = _dce(jaxpr)
     total = 0.0
     for eqn in jaxpr.eqns:
         if eqn.primitive.name == "dot_general":
@@ -46,7 +50,7 @@ def matmul_flops(jaxpr: jax.extend.core.Jaxpr) -> float:
             continue
         subs = [v for v in eqn.params.values() if isinstance(v, _JAXPRS)]
         subs += [b for v in eqn.params.values() if isinstance(v, tuple) for b in v if isinstance(b, _JAXPRS)]
-        counts = [matmul_flops(getattr(b, "jaxpr", b)) for b in subs]
+        counts = [matmul_flops(getattr(b, "jaxpr", b), dce=False) for b in subs]
         if eqn.primitive.name == "while" and any(counts):
             raise ValueError("a while loop with matmuls has no static trip count; its FLOPs cannot be counted")
         if eqn.primitive.name == "cond":
@@ -54,3 +58,13 @@ def matmul_flops(jaxpr: jax.extend.core.Jaxpr) -> float:
         else:
             total += (eqn.params["length"] if eqn.primitive.name == "scan" else 1) * sum(counts)
     return total
+
+
+def _dce(jaxpr: jax.extend.core.Jaxpr) -> jax.extend.core.Jaxpr:
+    # JAX's own dead-code elimination (recursing into scans and calls); it has no public
+    # name, so a JAX without it counts the program as traced.
+    try:
+        from jax._src.interpreters.partial_eval import dce_jaxpr
+    except ImportError:  # pragma: no cover
+        return jaxpr
+    return dce_jaxpr(jaxpr, [True] * len(jaxpr.outvars))[0]

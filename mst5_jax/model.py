@@ -279,6 +279,15 @@ class Encoder(nnx.Module):
 
     def __call__(self, input_ids: Array, attention_mask: Optional[Array] = None, *,
                  dropout_key: Optional[Array] = None) -> Array:
+        x, bias, layer_keys, k_final = self.prepare(input_ids, attention_mask, dropout_key)
+        return self.finish(self.run_layers(x, bias, layer_keys), k_final)
+
+    # The three stages of `__call__`, public so that GradCache's cached-layer-inputs mode
+    # (`mst5_jax.gradcache`) can keep the layer inputs and run the backward layer by layer.
+    def prepare(self, input_ids: Array, attention_mask: Optional[Array], dropout_key: Optional[Array]
+                ) -> tuple[Array, Array, Optional[Array], Optional[Array]]:
+        """Token embeddings x [B, L, d_model], the attention bias [B, H, L, L] fp32, the
+        per-layer dropout keys [num_layers] (or None) and the final dropout key."""
         cfg = self.cfg
         if attention_mask is None:
             attention_mask = (input_ids != cfg.pad_token_id).astype(jnp.int32)
@@ -289,19 +298,27 @@ class Encoder(nnx.Module):
         # Padding keys get the most negative float32, as HF adds finfo(dtype).min.
         pad_bias = jnp.where(attention_mask[:, None, None, :] > 0, 0.0, jnp.finfo(jnp.float32).min)
         bias = self.relpos_bias(length, length) + pad_bias  # [B, H, L, L] fp32
-
-        graphdef, layer_state = nnx.split(self.layers)
         layer_keys = None if k_layers is None else jax.random.split(k_layers, cfg.num_layers)
+        return x, bias, layer_keys, k_final
+
+    def run_layers(self, x: Array, bias: Array, layer_keys: Optional[Array], *, keep_inputs: bool = False):
+        """The block stack as one `lax.scan` (remat per `cfg.remat`). With `keep_inputs`,
+        also returns every block's input, [num_layers, B, L, d_model]."""
+        cfg = self.cfg
+        graphdef, layer_state = nnx.split(self.layers)
 
         def body(h, xs):
             state, key = xs
-            return nnx.merge(graphdef, state)(h, bias, key), None
+            return nnx.merge(graphdef, state)(h, bias, key), (h if keep_inputs else None)
 
-        if cfg.remat != "none":
+        if cfg.remat != "none" and not keep_inputs:
             body = jax.checkpoint(body, policy=REMAT_POLICIES[cfg.remat], prevent_cse=False)
-        x, _ = jax.lax.scan(body, x, (layer_state, layer_keys))
-        x = self.final_norm(x)
-        return dropout(x, cfg.dropout_rate, k_final)
+        x, inputs = jax.lax.scan(body, x, (layer_state, layer_keys))
+        return (x, inputs) if keep_inputs else x
+
+    def finish(self, x: Array, k_final: Optional[Array]) -> Array:
+        """The final norm (and dropout) after the last block."""
+        return dropout(self.final_norm(x), self.cfg.dropout_rate, k_final)
 
 
 def _stacked_blocks(cfg: EncoderConfig, rngs: nnx.Rngs) -> Block:
@@ -349,7 +366,10 @@ class SentenceModel(nnx.Module):
         """ids [B, L] int32, mask [B, L] -> sentence embeddings [B, embedding_dim] float32."""
         if attention_mask is None:
             attention_mask = (input_ids != self.cfg.pad_token_id).astype(jnp.int32)
-        hidden = self.encoder(input_ids, attention_mask, dropout_key=dropout_key)
+        return self.head(self.encoder(input_ids, attention_mask, dropout_key=dropout_key), attention_mask)
+
+    def head(self, hidden: Array, attention_mask: Array) -> Array:
+        """Last hidden state [B, L, d_model] -> pooled (projected, normalised) embeddings."""
         emb = pool(hidden, attention_mask, self.cfg.pooling)
         if self.projection is not None:
             emb = self.projection(emb)

@@ -79,6 +79,7 @@ class TrainConfig:
     param_dtype: str = "float32"
     dropout_rate: float = 0.0
     microbatch_size: Optional[int] = None
+    gradcache_cache_layer_inputs: bool = False
     log_every: int = 10
     checkpoint_every: int = 100
     keep_checkpoints: int = 2
@@ -393,7 +394,8 @@ def run(cfg: TrainConfig) -> dict:
         model, optimizer, mesh, rules, mode=mode, seed=cfg.seed, frozen_dtype=frozen_dtype)
     del model
     step_fn = train_step.make_train_step(graphdef, optimizer, cfg.loss, mesh, shardings,
-                                         microbatch_size=cfg.microbatch_size)
+                                         microbatch_size=cfg.microbatch_size,
+                                         cache_layer_inputs=cfg.gradcache_cache_layer_inputs)
 
     # Resume only from a step whose files match its manifest; newer steps that do not are
     # moved to MODEL_DIR/checkpoints_rejected/ (the warning names the bad files).

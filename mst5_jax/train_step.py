@@ -52,6 +52,7 @@ import optax
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
+from mst5_jax import gradcache
 from mst5_jax.lora import split_trainable
 from mst5_jax.losses import contrastive_loss
 from mst5_jax.model import SentenceModel, logical_axes
@@ -220,7 +221,8 @@ def contrastive_objective(emb: jax.Array, group_ids: Optional[jax.Array], loss_c
 
 def loss_and_grads(graphdef: nnx.GraphDef, params: nnx.State, frozen: nnx.State, batch: Batch, keys: jax.Array,
                    loss_config: Any, *, microbatch_size: Optional[int] = None, mesh: Optional[AnyMesh] = None,
-                   param_shardings: Any = None) -> tuple[jax.Array, dict[str, jax.Array], nnx.State]:
+                   param_shardings: Any = None, cache_layer_inputs: bool = False
+                   ) -> tuple[jax.Array, dict[str, jax.Array], nnx.State]:
     """(loss, metrics, d loss / d params) for one global batch; call inside `jax.jit`.
 
     Args:
@@ -233,6 +235,10 @@ def loss_and_grads(graphdef: nnx.GraphDef, params: nnx.State, frozen: nnx.State,
         kept split over ("data", "fsdp").
       param_shardings: when given, the GradCache gradient accumulator is kept sharded
         like the parameters (FSDP).
+      cache_layer_inputs: GradCache keeps every block's input from its first pass and
+        rebuilds one block at a time in the backward (`mst5_jax.gradcache`): the FLOPs of
+        one full-remat step instead of an extra forward, for num_layers x tokens x d_model
+        of memory.
     """
     ids = stack_columns(batch, getattr(loss_config, "use_hard_negatives", True))
     group_ids = batch.get("group_id")
@@ -268,6 +274,19 @@ def loss_and_grads(graphdef: nnx.GraphDef, params: nnx.State, frozen: nnx.State,
                              f"batch shards of the mesh ({dict(mesh.shape)}); every micro-batch is split over them")
         micro = jax.lax.with_sharding_constraint(micro, NamedSharding(mesh, PartitionSpec(None, BATCH_MESH_AXES)))
 
+    def constrain_params(tree):
+        return tree if param_shardings is None else jax.lax.with_sharding_constraint(tree, param_shardings)
+
+    if cache_layer_inputs:
+        def constrain_batch(x, axis):
+            if mesh is None:
+                return x
+            return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, PartitionSpec(*[None] * axis,
+                                                                                         BATCH_MESH_AXES)))
+
+        return gradcache.cached_gradcache(graphdef, params, frozen, micro, keys, objective, from_microbatches,
+                                          constrain_batch, constrain_params)
+
     # 1. Embeddings of every micro-batch, no gradients kept.
     emb = jax.lax.map(lambda xs: embed(params, *xs), (micro, keys))  # [k, mb, C, D]
     # 2. The loss on the full set, and its gradient with respect to the embeddings.
@@ -278,22 +297,16 @@ def loss_and_grads(graphdef: nnx.GraphDef, params: nnx.State, frozen: nnx.State,
         x, key, g = xs
         _, vjp = jax.vjp(lambda p: embed(p, x, key), params)
         (grad,) = vjp(g)
-        acc = jax.tree.map(jnp.add, acc, grad)
-        if param_shardings is not None:
-            acc = jax.lax.with_sharding_constraint(acc, param_shardings)
-        return acc, None
+        return constrain_params(jax.tree.map(jnp.add, acc, grad)), None
 
-    zeros = jax.tree.map(jnp.zeros_like, params)
-    if param_shardings is not None:
-        zeros = jax.lax.with_sharding_constraint(zeros, param_shardings)
-    grads, _ = jax.lax.scan(accumulate, zeros, (micro, keys, emb_grad))
+    grads, _ = jax.lax.scan(accumulate, constrain_params(jax.tree.map(jnp.zeros_like, params)), (micro, keys, emb_grad))
     return loss, metrics, grads
 
 
 # ---------------------------------------------------------------------- the step
 def make_train_step(graphdef: nnx.GraphDef, optimizer: optax.GradientTransformation, loss_config: Any,
-                    mesh: AnyMesh, shardings: StepShardings, microbatch_size: Optional[int] = None
-                    ) -> Callable[[TrainState, nnx.State, Batch], tuple[TrainState, dict[str, jax.Array]]]:
+                    mesh: AnyMesh, shardings: StepShardings, microbatch_size: Optional[int] = None,
+                    cache_layer_inputs: bool = False) -> Callable[[TrainState, nnx.State, Batch], tuple[TrainState, dict[str, jax.Array]]]:
     """The jitted step `(state, frozen, batch) -> (state, metrics)`; `state` is donated.
 
     Args:
@@ -303,6 +316,8 @@ def make_train_step(graphdef: nnx.GraphDef, optimizer: optax.GradientTransformat
       mesh: the ("data", "fsdp", "tensor") mesh; the batch is split over (data, fsdp).
       shardings: the state's and the frozen parameters' shardings (`init_train_state`).
       microbatch_size: None, or GradCache micro-batches of that many triplets.
+      cache_layer_inputs: GradCache keeps the block inputs of its first pass (see
+        `loss_and_grads`).
 
     Metrics (float32 scalars, replicated; the loss is that of the batch that produced this
     update): loss, accuracy, pos_sim, neg_sim (and hard_neg_sim with negatives) from
@@ -315,7 +330,8 @@ def make_train_step(graphdef: nnx.GraphDef, optimizer: optax.GradientTransformat
         keys = dropout_keys(state.rng, state.step, k)
         loss, metrics, grads = loss_and_grads(graphdef, state.params, frozen, batch, keys, loss_config,
                                               microbatch_size=microbatch_size, mesh=mesh,
-                                              param_shardings=shardings.state.params)
+                                              param_shardings=shardings.state.params,
+                                              cache_layer_inputs=cache_layer_inputs)
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         grad_norm = jnp.sqrt(sum(jnp.sum(jnp.square(g)) for g in jax.tree.leaves(grads)))

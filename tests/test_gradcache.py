@@ -17,6 +17,7 @@ import torch
 from flax import nnx
 
 from hf_reference import hf_config, random_encoder, random_ids, save_hf_dir
+from mst5_jax import config_check
 from mst5_jax import train_step as ts
 from mst5_jax.checkpoints import hf_names, load_hf_weights
 from mst5_jax.config import EncoderConfig
@@ -35,13 +36,14 @@ def to_host(state):
 
 
 def run_step(model, batch, mesh_cfg, preset, *, devices=None, graphdef=None, microbatch_size=None, mode="lora",
-             seed=0):
+             seed=0, cache_layer_inputs=False):
     """(metrics, grads, updated params) of one step on host; sgd(momentum) trace == gradient."""
     opt = optax.sgd(0.1, momentum=0.9)
     mesh = make_mesh(mesh_cfg, devices)
     g, state, frozen, shardings = ts.init_train_state(model, opt, mesh, logical_axis_rules(preset), mode=mode,
                                                         seed=seed)
-    step = ts.make_train_step(graphdef or g, opt, LOSS, mesh, shardings, microbatch_size=microbatch_size)
+    step = ts.make_train_step(graphdef or g, opt, LOSS, mesh, shardings, microbatch_size=microbatch_size,
+                              cache_layer_inputs=cache_layer_inputs)
     placed = {k: jax.device_put(v, batch_sharding(mesh, v.ndim)) for k, v in batch.items()}
     new_state, metrics = step(state, frozen, placed)
     return ({k: float(v) for k, v in metrics.items()}, to_host(new_state.opt_state[0].trace),
@@ -58,9 +60,14 @@ def gradcache_no_dropout(model):
     return run_step(model, make_batch(5, b=B), *SHARDED, microbatch_size=MB)
 
 
-def test_micro_batches_give_the_full_batch_gradient(model, gradcache_no_dropout):
+@pytest.mark.parametrize("cached", [False, True], ids=["plain", "cached_layer_inputs"])
+def test_micro_batches_give_the_full_batch_gradient(model, gradcache_no_dropout, cached):
     want_metrics, want_grads, want_params = run_step(model, make_batch(5, b=B), *SHARDED)
-    metrics, grads, params = gradcache_no_dropout
+    if cached:
+        metrics, grads, params = run_step(model, make_batch(5, b=B), *SHARDED, microbatch_size=MB,
+                                          cache_layer_inputs=True)
+    else:
+        metrics, grads, params = gradcache_no_dropout
     for k in ("loss", "accuracy", "pos_sim", "neg_sim", "hard_neg_sim", "grad_norm"):
         assert abs(metrics[k] - want_metrics[k]) <= TOL * max(abs(want_metrics[k]), 1e-3), (k, metrics, want_metrics)
     assert_agree(grads, want_grads, "GradCache grad")
@@ -91,6 +98,21 @@ def test_dropout_keys_are_reused_and_independent_of_devices(model, gradcache_no_
     assert_agree(grads, to_host(want_grads), "GradCache+dropout grad")
     # Dropout was really on: the loss differs from the dropout-free step on the same batch.
     assert abs(metrics["loss"] - gradcache_no_dropout[0]["loss"]) > 1e-3
+    # Cached layer inputs: the backward rebuilds each block with its own layer key.
+    cached_metrics, cached_grads, _ = run_step(model, batch, *SHARDED, graphdef=graphdef, microbatch_size=MB, seed=7,
+                                               cache_layer_inputs=True)
+    assert abs(cached_metrics["loss"] - float(want_loss)) <= TOL * abs(float(want_loss))
+    assert_agree(cached_grads, to_host(want_grads), "cached GradCache+dropout grad")
+
+
+def test_cached_layer_inputs_in_full_fine_tuning(model):
+    """Trainable embedding table and position bias: the cached backward also returns the
+    block stack's input and bias gradients."""
+    batch = make_batch(6, b=B)
+    _, want, _ = run_step(model, batch, *SHARDED, mode="full")
+    _, got, _ = run_step(model, batch, *SHARDED, microbatch_size=MB, mode="full", cache_layer_inputs=True)
+    assert {"encoder/token_embedder/embedding", "encoder/relpos_bias/embedding"} <= set(got)
+    assert_agree(got, want, "cached GradCache full fine-tuning grad")
 
 
 def test_memory_is_bounded_by_the_micro_batch(model):
@@ -101,8 +123,9 @@ def test_memory_is_bounded_by_the_micro_batch(model):
     g, state, frozen, shardings = ts.init_train_state(model, opt, mesh, logical_axis_rules("single"), mode="lora")
     length, mb = 32, 8
 
-    def temp_bytes(batch_size, microbatch_size):
-        step = ts.make_train_step(g, opt, LOSS, mesh, shardings, microbatch_size=microbatch_size)
+    def temp_bytes(batch_size, microbatch_size, cached=False):
+        step = ts.make_train_step(g, opt, LOSS, mesh, shardings, microbatch_size=microbatch_size,
+                                  cache_layer_inputs=cached)
         batch = {c: jax.ShapeDtypeStruct((batch_size, length), jnp.int32) for c in ts.COLUMNS}
         batch["group_id"] = jax.ShapeDtypeStruct((batch_size,), jnp.int32)
         return step.lower(state, frozen, batch).compile().memory_analysis().temp_size_in_bytes
@@ -111,6 +134,12 @@ def test_memory_is_bounded_by_the_micro_batch(model):
     print(f"\nGradCache temp bytes, micro-batch {mb}: batch {2 * mb}: {small:,}  batch {8 * mb}: {large:,} "
           f"(ratio {large / small:.3f})")
     assert large <= 1.25 * small
+
+    # Cached layer inputs grow by exactly what `config_check` budgets for the 6 added
+    # micro-batches: (num_layers + 1) x tokens x d_model x 4 bytes (float32 here).
+    cached_small, cached_large = temp_bytes(2 * mb, mb, cached=True), temp_bytes(8 * mb, mb, cached=True)
+    extra = config_check.cached_layer_input_bytes(model.cfg, 6 * mb, length)
+    assert cached_large - cached_small == extra + (large - small)
 
 
 # ---------------------------------------------------------------- sentence-transformers

@@ -242,3 +242,33 @@ def test_non_finite_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_pa
     assert "non-finite loss or gradient at or before step 4" in out.stderr
     kept = sorted(int(p.name) for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit())
     assert kept == [2]
+
+
+def test_gradcache_cached_layer_inputs_are_budgeted():
+    """xxl at 1024 triplets x 64 with cached layer inputs: (24 + 1) x 196,608 tokens x 4096
+    x 2 B = 37.5 GiB of block inputs and output, counted by the memory check and still
+    inside one 80 GB GPU."""
+    from mst5_jax import config_check
+
+    overrides = ["BATCH_SIZE=1024", "TrainConfig.microbatch_size=128"]
+    plain = config_check.check(train.parse_gin(["xxl_lora.gin"], overrides))
+    cached = config_check.check(train.parse_gin(["xxl_lora.gin"],
+                                                overrides + ["TrainConfig.gradcache_cache_layer_inputs=True"]))
+    assert "gradcache_layer_inputs" not in plain["per_device_gib"]
+    assert cached["per_device_gib"]["gradcache_layer_inputs"] == pytest.approx(25 * 3 * 1024 * 64 * 4096 * 2 / 2**30)
+    assert cached["total_gib"] - plain["total_gib"] == pytest.approx(37.5)
+    assert cached["total_gib"] <= cached["device_memory_gib"]
+
+
+def test_gradcache_with_cached_layer_inputs_trains_like_plain_gradcache(tmp_path):
+    """The gin switch reaches the step: 3 GradCache steps (2 micro-batches, dropout on) with
+    and without cached layer inputs log the same losses."""
+    common = ["--gin.TRAIN_STEPS=3", "--gin.BATCH_SIZE=16", "--gin.TrainConfig.microbatch_size=8",
+              "--gin.TrainConfig.dropout_rate=0.1"]
+    train.run(_cfg(tmp_path / "plain", *common))
+    train.run(_cfg(tmp_path / "cached", *common, "--gin.TrainConfig.gradcache_cache_layer_inputs=True"))
+    a, b = _losses(tmp_path / "cached"), _losses(tmp_path / "plain")
+    assert sorted(a) == [1, 2, 3]
+    for s in (1, 2, 3):
+        assert a[s] == pytest.approx(b[s], rel=1e-5), (s, a[s], b[s])
+    _assert_same_final_params(tmp_path / "cached", tmp_path / "plain")
