@@ -31,53 +31,28 @@ import time
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
 import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-import optax  # noqa: E402
-from flax import nnx  # noqa: E402
 
-from mst5_jax import lora, partitioning, train_step  # noqa: E402
+from mst5_jax import lora  # noqa: E402
 from mst5_jax.config import EncoderConfig  # noqa: E402
-from mst5_jax.model import REMAT_POLICIES, init_model  # noqa: E402
-from mst5_jax.flops import matmul_flops, model_flops_per_triplet  # noqa: E402
+from mst5_jax.model import REMAT_POLICIES  # noqa: E402
+from mst5_jax.flops import abstract_lora_step, matmul_flops, model_flops_per_triplet  # noqa: E402
 
 GIB = 1024**3
 LORA = lora.LoRAConfig(rank=8, alpha=16, targets=["q", "v"])
 
 
-def _as(x, dtype):
-    return jax.ShapeDtypeStruct(x.shape, dtype)
-
-
 def analyse(cfg: EncoderConfig, batch: int, length: int, microbatch: int | None = None,
             cache_layer_inputs: bool = False) -> dict:
     """Compiles the LoRA step for `cfg` on abstract inputs and returns XLA's accounts of it."""
-
-    def build():
-        model = init_model(cfg, 0)
-        return lora.apply_lora(model, LORA, 0)
-
-    model = nnx.eval_shape(build)
-    graphdef, params, frozen = lora.split_trainable(model, "lora")
-    params = jax.tree.map(lambda x: _as(x, jnp.float32), params)
-    frozen = jax.tree.map(lambda x: _as(x, cfg.param_dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x, frozen)
-    mesh = partitioning.make_mesh(partitioning.MeshConfig(), jax.devices()[:1])
-    rules = partitioning.logical_axis_rules("single")
-    optimizer = optax.adamw(1e-4)
-    shardings = train_step.StepShardings(train_step.train_state_shardings(params, optimizer, mesh, rules),
-                                         train_step.state_shardings(frozen, mesh, rules))
-    state = jax.eval_shape(lambda p: train_step.TrainState.create(p, optimizer), params)
-    ids = jax.ShapeDtypeStruct((batch, length), jnp.int32)
-    step = train_step.make_train_step(graphdef, optimizer, train_step.LossConfig(), mesh, shardings,
-                                      microbatch_size=microbatch, cache_layer_inputs=cache_layer_inputs)
-    args = (state, frozen, {"anchor": ids, "positive": ids, "negative": ids})
+    step, args, lora_params = abstract_lora_step(cfg, LORA, batch, length, microbatch_size=microbatch,
+                                                 cache_layer_inputs=cache_layer_inputs)
     flops = matmul_flops(step.trace(*args).jaxpr.jaxpr)
     t0 = time.perf_counter()
     compiled = step.lower(*args).compile()
     compile_s = time.perf_counter() - t0
     mem = compiled.memory_analysis()
-    lora_params = sum(x.size for x in jax.tree.leaves(params))
     model_flops = batch * model_flops_per_triplet(cfg, length, lora_params, full_finetune=False)
-    weights = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(frozen))
+    weights = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(args[1]))
     return {
         "model": cfg.name, "batch": batch, "length": length, "remat": cfg.remat, "microbatch": microbatch,
         "cache_layer_inputs": cache_layer_inputs,

@@ -7,7 +7,12 @@ ratio of the two is the recompute a remat policy costs (`benchmarks/xla_analysis
 """
 from __future__ import annotations
 
+from typing import Any, Callable, Optional
+
+import jax
 import jax.extend
+import jax.numpy as jnp
+from flax import nnx
 
 from mst5_jax.config import EncoderConfig
 
@@ -68,3 +73,36 @@ def _dce(jaxpr: jax.extend.core.Jaxpr) -> jax.extend.core.Jaxpr:
     except ImportError:  # pragma: no cover
         return jaxpr
     return dce_jaxpr(jaxpr, [True] * len(jaxpr.outvars))[0]
+
+
+def abstract_lora_step(cfg: EncoderConfig, lora_config: Any, batch: int, length: int, *,
+                       microbatch_size: Optional[int] = None, cache_layer_inputs: bool = False,
+                       optimizer: Any = None) -> tuple[Callable, tuple, int]:
+    """The jitted LoRA train step for `cfg` on one device, with abstract arguments: no weight
+    is allocated, so an xxl step can be traced (`matmul_flops`) or compiled
+    (`memory_analysis`) anywhere. Frozen weights in `cfg.param_dtype`, LoRA factors in
+    float32, AdamW unless `optimizer` is given, the default `LossConfig`.
+
+    Returns (step, args, number of LoRA parameters); `step.trace(*args)`, `step.lower(*args)`.
+    """
+    import optax
+
+    from mst5_jax import lora, partitioning, train_step
+    from mst5_jax.model import init_model
+
+    model = nnx.eval_shape(lambda: lora.apply_lora(init_model(cfg, 0), lora_config, 0))
+    graphdef, params, frozen = lora.split_trainable(model, "lora")
+    params = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, jnp.float32), params)
+    frozen = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, cfg.param_dtype)
+                          if jnp.issubdtype(x.dtype, jnp.floating) else x, frozen)
+    mesh = partitioning.make_mesh(partitioning.MeshConfig(), jax.devices()[:1])
+    rules = partitioning.logical_axis_rules("single")
+    optimizer = optimizer or optax.adamw(1e-4)
+    shardings = train_step.StepShardings(train_step.train_state_shardings(params, optimizer, mesh, rules),
+                                         train_step.state_shardings(frozen, mesh, rules))
+    state = jax.eval_shape(lambda p: train_step.TrainState.create(p, optimizer), params)
+    ids = jax.ShapeDtypeStruct((batch, length), jnp.int32)
+    step = train_step.make_train_step(graphdef, optimizer, train_step.LossConfig(), mesh, shardings,
+                                      microbatch_size=microbatch_size, cache_layer_inputs=cache_layer_inputs)
+    lora_params = sum(x.size for x in jax.tree.leaves(params))
+    return step, (state, frozen, {"anchor": ids, "positive": ids, "negative": ids}), lora_params

@@ -1,14 +1,11 @@
 """FLOP accounting: the jaxpr matmul counter, and what each remat policy recomputes."""
 import jax
 import jax.numpy as jnp
-import optax
 import pytest
-from flax import nnx
 
-from mst5_jax import lora, partitioning, train_step
+from mst5_jax import lora
 from mst5_jax.config import EncoderConfig
-from mst5_jax.flops import matmul_flops, model_flops_per_triplet
-from mst5_jax.model import init_model
+from mst5_jax.flops import abstract_lora_step, matmul_flops, model_flops_per_triplet
 
 
 def test_matmul_counter_counts_scans_and_conds():
@@ -36,19 +33,9 @@ RANK = 4
 
 
 def _step_flops(remat: str, batch: int = 4, length: int = 16, microbatch=None, cache=False) -> float:
-    cfg = CFG.replace(remat=remat)
-    model = nnx.eval_shape(lambda: lora.apply_lora(init_model(cfg, 0), lora.LoRAConfig(rank=RANK, targets=["q", "v"]), 0))
-    graphdef, params, frozen = lora.split_trainable(model, "lora")
-    mesh = partitioning.make_mesh(partitioning.MeshConfig(), jax.devices()[:1])
-    rules = partitioning.logical_axis_rules("single")
-    opt = optax.adamw(1e-3)
-    sh = train_step.StepShardings(train_step.train_state_shardings(params, opt, mesh, rules),
-                                  train_step.state_shardings(frozen, mesh, rules))
-    state = jax.eval_shape(lambda p: train_step.TrainState.create(p, opt), params)
-    ids = jax.ShapeDtypeStruct((batch, length), jnp.int32)
-    step = train_step.make_train_step(graphdef, opt, train_step.LossConfig(), mesh, sh, microbatch_size=microbatch,
-                                      cache_layer_inputs=cache)
-    return matmul_flops(step.trace(state, frozen, {"anchor": ids, "positive": ids, "negative": ids}).jaxpr.jaxpr)
+    step, args, _ = abstract_lora_step(CFG.replace(remat=remat), lora.LoRAConfig(rank=RANK, targets=["q", "v"]),
+                                       batch, length, microbatch_size=microbatch, cache_layer_inputs=cache)
+    return matmul_flops(step.trace(*args).jaxpr.jaxpr)
 
 
 def test_remat_policies_recompute_what_they_say():
