@@ -118,20 +118,59 @@ def xsts(encode: Encode, data_dir, *, extended: bool = True, max_length: Optiona
 
 # --- single-set STS loaders -------------------------------------------------------------------
 
-def load_stsb_en(data_dir, split: str = "test") -> tuple[Pairs, list]:
-    folder = resolve_dataset_dir(data_dir, "stsbenchmark", "sts-test.csv")
-    path = require_file(folder / f"sts-{split}.csv", f"stsb_en {split}")
-    rows = read_tab_fields(path, num_fields=7)
-    return Pairs([r[5] for r in rows], [r[6] for r in rows],
-                 [parse_float(r[4], path, i) for i, r in enumerate(rows, start=1)]), [path]
+@dataclasses.dataclass(frozen=True)
+class _Table:
+    """A pair set stored one pair per row, columns by position."""
+
+    folder: str  # under the data dir (resolve_dataset_dir)
+    file: str  # with "{split}"
+    s1: int
+    s2: int
+    score: int
+    num_fields: int
+    header: bool = False
+    csv_delimiter: Optional[str] = None  # csv quoting with this delimiter; None: plain tabs
 
 
-def load_korsts(data_dir, split: str = "test") -> tuple[Pairs, list]:
-    folder = resolve_dataset_dir(data_dir, "kornlu/KorSTS", "sts-test.tsv")
-    path = require_file(folder / f"sts-{split}.tsv", f"korsts {split}")
-    rows = read_tab_fields(path, num_fields=7, skip_header=True)
-    return Pairs([r[5] for r in rows], [r[6] for r in rows],
-                 [parse_float(r[4], path, i) for i, r in enumerate(rows, start=2)]), [path]
+_TABLES = {
+    "stsb_en": _Table("stsbenchmark", "sts-{split}.csv", 5, 6, 4, num_fields=7),
+    "korsts": _Table("kornlu/KorSTS", "sts-{split}.tsv", 5, 6, 4, num_fields=7, header=True),
+    "stsb_zh": _Table("chinese_sts/STS-B", "STS-B.{split}.data", 0, 1, 2, num_fields=3),
+    "lcqmc": _Table("chinese_sts/LCQMC", "{split}.txt", 0, 1, 2, num_fields=3),
+    "bq": _Table("chinese_sts/BQ_corpus", "{split}.csv", 0, 1, 2, num_fields=3, header=True, csv_delimiter=","),
+    "atec": _Table("chinese_sts/ATEC_CCKS", "{split}.csv", 0, 1, 2, num_fields=3, header=True, csv_delimiter="\t"),
+}
+
+
+def _load_table(name: str, data_dir, split: str) -> tuple[Pairs, list]:
+    t = _TABLES[name]
+    folder = resolve_dataset_dir(data_dir, t.folder, t.file.format(split="test"))
+    path = require_file(folder / t.file.format(split=split), f"{name} {split}")
+    if t.csv_delimiter is None:
+        rows = read_tab_fields(path, num_fields=t.num_fields, skip_header=t.header)
+    else:
+        rows = read_csv_rows(path, delimiter=t.csv_delimiter, skip_header=t.header, num_fields=t.num_fields)
+    first = 2 if t.header else 1
+    return Pairs([r[t.s1] for r in rows], [r[t.s2] for r in rows],
+                 [parse_float(r[t.score], path, i) for i, r in enumerate(rows, start=first)]), [path]
+
+
+def _table_loader(name: str) -> Callable[..., tuple[Pairs, list]]:
+    def load(data_dir, split: str = "test") -> tuple[Pairs, list]:
+        return _load_table(name, data_dir, split)
+
+    t = _TABLES[name]
+    load.__name__ = load.__qualname__ = f"load_{name}"
+    load.__doc__ = f"{name}: (Pairs, [path]) from <data_dir>/{t.folder}/{t.file}."
+    return load
+
+
+load_stsb_en = _table_loader("stsb_en")
+load_korsts = _table_loader("korsts")
+load_stsb_zh = _table_loader("stsb_zh")
+load_lcqmc = _table_loader("lcqmc")
+load_bq = _table_loader("bq")
+load_atec = _table_loader("atec")
 
 
 def load_jsts(data_dir, split: str = "valid") -> tuple[Pairs, list]:
@@ -165,38 +204,6 @@ def load_jsick(data_dir, split: str = "test") -> tuple[Pairs, list]:
     rows, files = read_jsick(data_dir, split)
     return Pairs([r["sentence_A_Ja"] for r in rows], [r["sentence_B_Ja"] for r in rows],
                  [parse_float(r["relatedness_score_Ja"], files[0], i) for i, r in enumerate(rows, start=2)]), files
-
-
-def load_stsb_zh(data_dir, split: str = "test") -> tuple[Pairs, list]:
-    folder = resolve_dataset_dir(data_dir, "chinese_sts/STS-B", "STS-B.test.data")
-    path = require_file(folder / f"STS-B.{split}.data", f"stsb_zh {split}")
-    rows = read_tab_fields(path, num_fields=3)
-    return Pairs([r[0] for r in rows], [r[1] for r in rows],
-                 [parse_float(r[2], path, i) for i, r in enumerate(rows, start=1)]), [path]
-
-
-def load_lcqmc(data_dir, split: str = "test") -> tuple[Pairs, list]:
-    folder = resolve_dataset_dir(data_dir, "chinese_sts/LCQMC", "test.txt")
-    path = require_file(folder / f"{split}.txt", f"lcqmc {split}")
-    rows = read_tab_fields(path, num_fields=3)
-    return Pairs([r[0] for r in rows], [r[1] for r in rows],
-                 [parse_float(r[2], path, i) for i, r in enumerate(rows, start=1)]), [path]
-
-
-def load_bq(data_dir, split: str = "test") -> tuple[Pairs, list]:
-    folder = resolve_dataset_dir(data_dir, "chinese_sts/BQ_corpus", "test.csv")
-    path = require_file(folder / f"{split}.csv", f"bq {split}")
-    rows = read_csv_rows(path, delimiter=",", skip_header=True, num_fields=3)
-    return Pairs([r[0] for r in rows], [r[1] for r in rows],
-                 [parse_float(r[2], path, i) for i, r in enumerate(rows, start=2)]), [path]
-
-
-def load_atec(data_dir, split: str = "test") -> tuple[Pairs, list]:
-    folder = resolve_dataset_dir(data_dir, "chinese_sts/ATEC_CCKS", "test.csv")
-    path = require_file(folder / f"{split}.csv", f"atec {split}")
-    rows = read_csv_rows(path, delimiter="\t", skip_header=True, num_fields=3)
-    return Pairs([r[0] for r in rows], [r[1] for r in rows],
-                 [parse_float(r[2], path, i) for i, r in enumerate(rows, start=2)]), [path]
 
 
 def _single_set(name: str, loader, default_split: str):
