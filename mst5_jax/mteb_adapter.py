@@ -98,20 +98,17 @@ class MTEBEncoder:
     @staticmethod
     def similarity(a: np.ndarray, b: np.ndarray) -> np.ndarray:
         """Cosine matrix [len(a), len(b)] (float32 dot of L2-normalised float32 rows)."""
-        a = np.asarray(a, np.float32)
-        b = np.asarray(b, np.float32)
-        a = a / np.maximum(np.linalg.norm(a, axis=-1, keepdims=True), np.float32(1e-12))
-        b = b / np.maximum(np.linalg.norm(b, axis=-1, keepdims=True), np.float32(1e-12))
-        return a @ b.T
+        return _unit_rows(a) @ _unit_rows(b).T
 
     @staticmethod
     def similarity_pairwise(a: np.ndarray, b: np.ndarray) -> np.ndarray:
         """Row-wise cosine [n] of a [n, d] and b [n, d]."""
-        a = np.asarray(a, np.float32)
-        b = np.asarray(b, np.float32)
-        a = a / np.maximum(np.linalg.norm(a, axis=-1, keepdims=True), np.float32(1e-12))
-        b = b / np.maximum(np.linalg.norm(b, axis=-1, keepdims=True), np.float32(1e-12))
-        return np.einsum("ij,ij->i", a, b)
+        return np.einsum("ij,ij->i", _unit_rows(a), _unit_rows(b))
+
+
+def _unit_rows(x: np.ndarray) -> np.ndarray:
+    x = np.asarray(x, np.float32)
+    return x / np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), np.float32(1e-12))
 
 
 def run(encoder, tasks: Sequence[str], name: str = "mst5_jax", output_folder: Optional[str] = None, **kwargs):
