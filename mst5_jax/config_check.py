@@ -34,11 +34,15 @@ def activation_bytes(enc: EncoderConfig, triplets_per_device: int, length: int, 
     q/k/v/o (4 x heads*d_kv), the FFN hidden states (2-3 x d_ff) and attention
     probabilities (heads x length, fp32). "full"/"residual" remat keep only the residual
     stream per layer plus one layer's working set; "dots" keeps the matmul outputs.
+    "cached_inputs" is GradCache with cached layer inputs: one block rebuilt and
+    differentiated at a time (the inputs themselves: `cached_layer_input_bytes`).
     """
     tokens = 3 * triplets_per_device * length
     item = 2 if enc.dtype == "bfloat16" else 4
     working = tokens * (enc.d_model + 4 * enc.inner_dim + (3 if enc.gated else 2) * enc.d_ff) * item
     working += tokens * enc.num_heads * length * 4 * 2
+    if remat == "cached_inputs":
+        return 2 * working
     if remat in ("full", "residual"):
         return enc.num_layers * tokens * enc.d_model * item * (2 if remat == "residual" else 1) + 2 * working
     if remat == "dots":
@@ -95,8 +99,10 @@ def check(cfg) -> dict[str, Any]:
         "optimizer_state": partitioning.bytes_per_device(abstract_opt, o_sh),
     }
     per_device_batch = (cfg.microbatch_size or cfg.batch_size) // data_shards or 1
-    per_dev["activations_estimate"] = activation_bytes(enc, per_device_batch, cfg.max_length, cfg.remat)
-    if cfg.microbatch_size and cfg.gradcache_cache_layer_inputs:
+    cached = bool(cfg.microbatch_size and cfg.gradcache_cache_layer_inputs)
+    per_dev["activations_estimate"] = activation_bytes(enc, per_device_batch, cfg.max_length,
+                                                       "cached_inputs" if cached else cfg.remat)
+    if cached:
         per_dev["gradcache_layer_inputs"] = cached_layer_input_bytes(enc, cfg.batch_size // data_shards or 1,
                                                                      cfg.max_length)
     total = sum(per_dev.values())

@@ -256,7 +256,10 @@ def test_gradcache_cached_layer_inputs_are_budgeted():
                                                 overrides + ["TrainConfig.gradcache_cache_layer_inputs=True"]))
     assert "gradcache_layer_inputs" not in plain["per_device_gib"]
     assert cached["per_device_gib"]["gradcache_layer_inputs"] == pytest.approx(25 * 3 * 1024 * 64 * 4096 * 2 / 2**30)
-    assert cached["total_gib"] - plain["total_gib"] == pytest.approx(37.5)
+    # The per-layer carries of full remat (24 x 128 x 192 tokens x 4096 x 2 B = 4.5 GiB per
+    # micro-batch) are not kept on top: the cached inputs are what the backward reads.
+    carries = 24 * 128 * 192 * 4096 * 2 / 2**30
+    assert cached["total_gib"] - plain["total_gib"] == pytest.approx(37.5 - carries)
     assert cached["total_gib"] <= cached["device_memory_gib"]
 
 
