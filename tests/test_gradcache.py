@@ -158,7 +158,8 @@ class MeanPooledEncoder(torch.nn.Module):
         return {"sentence_embedding": (hidden * mask).sum(1) / mask.sum(1).clamp(min=1)}
 
 
-def test_gradients_equal_sentence_transformers_cached_mnrl(tmp_path):
+@pytest.mark.parametrize("cached", [False, True], ids=["plain", "cached_layer_inputs"])
+def test_gradients_equal_sentence_transformers_cached_mnrl(tmp_path, cached):
     from sentence_transformers.sentence_transformer.losses import CachedMultipleNegativesRankingLoss
 
     config = hf_config(vocab_size=128)
@@ -172,7 +173,7 @@ def test_gradients_equal_sentence_transformers_cached_mnrl(tmp_path):
     batch = {c: random_ids(rng, b, length, config.vocab_size, min_len=2)[0] for c in ts.COLUMNS}
     batch["group_id"] = np.arange(b, dtype=np.int32)
     metrics, grads, _ = run_step(model, batch, MeshConfig(data=2), "data_parallel", devices=jax.devices()[:2],
-                                 microbatch_size=2, mode="full")
+                                 microbatch_size=2, mode="full", cache_layer_inputs=cached)
 
     reference = torch.nn.Sequential(MeanPooledEncoder(torch_encoder.double().train(False)))
     with warnings.catch_warnings():
