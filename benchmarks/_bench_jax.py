@@ -32,7 +32,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 from flax import nnx  # noqa: E402
 
-from mst5_jax import checkpoints, lora, partitioning, train_step  # noqa: E402
+from mst5_jax import checkpoints, flops, lora, partitioning, train_step  # noqa: E402
 from mst5_jax.config import EncoderConfig  # noqa: E402
 from mst5_jax.model import abstract_model, path_str  # noqa: E402
 
@@ -298,7 +298,10 @@ def task_step(spec: dict, job: dict, rows: common.RowWriter) -> None:
         bsh = partitioning.batch_sharding(mesh, 1)
         batch = {c: jax.device_put(v, bsh) for c, v in batch_np.items()}
         t0 = time.perf_counter()
-        compiled = step.lower(state, frozen, batch).compile()
+        traced = step.trace(state, frozen, batch)
+        # Matmul FLOPs the program really runs (remat recompute and GradCache passes included).
+        executed = flops.matmul_flops(traced.jaxpr.jaxpr)
+        compiled = traced.lower().compile()
         compile_s = time.perf_counter() - t0
         xla_gib = _xla_step_gib(compiled)
         t0 = time.perf_counter()
@@ -316,7 +319,7 @@ def task_step(spec: dict, job: dict, rows: common.RowWriter) -> None:
         loss = float(metrics["loss"])
         rows.write(**row, status="ok" if math.isfinite(loss) else "error: non-finite loss",
                    value=b / sec, unit="triplets/s", time_s=sec, compile_s=compile_s, first_step_s=first_s,
-                   init_s=init_s, peak_gib=peak_gib(), xla_step_gib=xla_gib, loss=loss,
+                   init_s=init_s, peak_gib=peak_gib(), xla_step_gib=xla_gib, loss=loss, matmul_flops=executed,
                    notes=("frozen weights were copied by init_train_state" if frozen_copied else None))
 
     common.guarded(rows, f"{b} triplets" + (f" (micro-batch {micro})" if micro else ""), run, **row)

@@ -40,7 +40,9 @@ for every LoRA parameter, AdamW (lr 1e-4, no weight decay).
 MFU = model FLOPs / (time x the larger bf16 matmul peak measured in this run), model FLOPs
 = forward 2·N_nonemb·tokens + attention products, plus for a train step the activation
 gradients (as much again) and the LoRA weight gradients (`mst5_jax.flops.model_flops_per_triplet`);
-recompute is not counted.
+recompute is not counted. Our step rows also give HFU: the matmul FLOPs the traced program
+executes (`mst5_jax.flops.matmul_flops`, recompute and GradCache passes included) over the
+same time x peak, so MFU / HFU separates the cost of a policy from how well the GPU runs it.
 
 The reference rows need torch, transformers and peft; where they are not importable
 (the Python 3.12 check venv) they are skipped, and the table says so.
@@ -452,6 +454,8 @@ def add_flops(rows: list[dict], spec: dict) -> float | None:
         r["tflops"] = flops / r["time_s"] / 1e12
         if peak:
             r["mfu"] = r["tflops"] / peak
+            if r.get("matmul_flops"):  # ours: what the program executes, recompute included
+                r["hfu"] = r["matmul_flops"] / r["time_s"] / 1e12 / peak
     return peak
 
 
@@ -515,6 +519,9 @@ def markdown(rows: list[dict], peak: Optional[float], rat: dict, header: list[st
             notes = "from an earlier run (--resume)" + ("; " + notes if notes else "")
         if r.get("xla_step_gib") is not None:
             notes = (notes + "; " if notes else "") + f"XLA step memory {_fmt(r['xla_step_gib'], 2)} GiB"
+        if r.get("hfu") is not None:
+            notes = (notes + "; " if notes else "") + (f"executes {r['matmul_flops'] / r['model_flops']:.3f}x model "
+                                                       f"FLOPs, HFU {100 * r['hfu']:.1f}%")
         if r.get("error") and not r.get("status", "").startswith("ok"):
             notes = (notes + "; " if notes else "") + r["error"].strip().splitlines()[-1][:160]
         status = str(r.get("status", "")).replace("|", "/")
