@@ -24,7 +24,7 @@ one micro-batch (`config_check.cached_layer_input_bytes` budgets it).
 """
 from __future__ import annotations
 
-from typing import Any, Callable, Optional
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
