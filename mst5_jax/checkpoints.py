@@ -306,7 +306,7 @@ def load_hf_weights(
             entries = names.get(name)
             if entries is None:
                 raise CheckpointError(f"{model_dir}: no HF tensor mapping for parameter {name}")
-            transpose = {t for _, t in entries} == {True}
+            transpose = _transposed(entries)
             host = np.empty(_swap_last_two(shape) if transpose else shape, target_dtype)
             stacked = len(entries) > 1 or name.startswith("encoder/layers/")
             for i, (tname, _) in enumerate(entries):
@@ -382,6 +382,11 @@ def _copy_released(dst: np.ndarray, src: np.ndarray, release: Callable[[], None]
         release()
 
 
+def _transposed(entries: list[tuple[str, bool]]) -> bool:
+    """Whether a parameter's HF tensors are stored transposed (kernels: torch's [out, in])."""
+    return all(t for _, t in entries)
+
+
 def _swap_last_two(shape: tuple) -> tuple:
     return (*shape[:-2], shape[-1], shape[-2])
 
@@ -433,7 +438,7 @@ def hf_state_dict(model: SentenceModel, dtype: Optional[str] = None) -> Iterator
     flat = {path_str(p): v for p, v in nnx.to_flat_state(nnx.state(model, nnx.Param))}
     for name, entries in hf_names(cfg).items():
         value = flat[name].get_value()
-        if {t for _, t in entries} == {True}:  # to torch's [out, in], on the devices (see the module doc)
+        if _transposed(entries):  # to torch's [out, in], on the devices (see the module doc)
             value = _transpose_on_device(value, None)
         value = np.asarray(jax.device_get(value))
         if dtype is not None:

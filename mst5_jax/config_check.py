@@ -38,7 +38,7 @@ def activation_bytes(enc: EncoderConfig, triplets_per_device: int, length: int, 
     differentiated at a time (the inputs themselves: `cached_layer_input_bytes`).
     """
     tokens = 3 * triplets_per_device * length
-    item = 2 if enc.dtype == "bfloat16" else 4
+    item = _itemsize(enc)
     working = tokens * (enc.d_model + 4 * enc.inner_dim + (3 if enc.gated else 2) * enc.d_ff) * item
     working += tokens * enc.num_heads * length * 4 * 2
     if remat == "cached_inputs":
@@ -54,8 +54,11 @@ def cached_layer_input_bytes(enc: EncoderConfig, triplets_per_device: int, lengt
     """What GradCache with cached layer inputs keeps for the whole step: every block's
     input and the last block's output, (num_layers + 1) x tokens x d_model in the compute
     dtype (`mst5_jax.gradcache`)."""
-    item = 2 if enc.dtype == "bfloat16" else 4
-    return (enc.num_layers + 1) * 3 * triplets_per_device * length * enc.d_model * item
+    return (enc.num_layers + 1) * 3 * triplets_per_device * length * enc.d_model * _itemsize(enc)
+
+
+def _itemsize(enc: EncoderConfig) -> int:
+    return 2 if enc.dtype == "bfloat16" else 4
 
 
 def check(cfg) -> dict[str, Any]:

@@ -12,9 +12,12 @@ from typing import Any, Callable, Optional
 import jax
 import jax.extend
 import jax.numpy as jnp
+import optax
 from flax import nnx
 
+from mst5_jax import lora, partitioning, train_step
 from mst5_jax.config import EncoderConfig
+from mst5_jax.model import init_model
 
 _JAXPRS = (jax.extend.core.Jaxpr, jax.extend.core.ClosedJaxpr)
 
@@ -85,11 +88,6 @@ def abstract_lora_step(cfg: EncoderConfig, lora_config: Any, batch: int, length:
 
     Returns (step, args, number of LoRA parameters); `step.trace(*args)`, `step.lower(*args)`.
     """
-    import optax
-
-    from mst5_jax import lora, partitioning, train_step
-    from mst5_jax.model import init_model
-
     model = nnx.eval_shape(lambda: lora.apply_lora(init_model(cfg, 0), lora_config, 0))
     graphdef, params, frozen = lora.split_trainable(model, "lora")
     params = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, jnp.float32), params)

@@ -47,7 +47,8 @@ def _has(state: nnx.State, path: tuple[str, ...]) -> bool:
     return bool(jax.tree.leaves(_subtree(state, path)))
 
 
-def _flat_ids(model, ids: Array) -> tuple[Array, Array]:
+def flat_ids(model, ids: Array) -> tuple[Array, Array]:
+    """ids [mb, C, L] -> ([mb * C, L] triplet-major, its mask: 1 where not the pad id)."""
     mb, c, length = ids.shape
     flat = ids.reshape(mb * c, length)
     return flat, (flat != model.cfg.pad_token_id).astype(jnp.int32)
@@ -58,7 +59,7 @@ def embed_keeping_inputs(graphdef: nnx.GraphDef, params: nnx.State, frozen: nnx.
     """Step 1 for one micro-batch of ids [mb, C, L]: (embeddings float32 [mb, C, D],
     block inputs [num_layers, mb * C, L, d_model], last block output [mb * C, L, d_model])."""
     model = nnx.merge(graphdef, params, frozen)
-    flat, mask = _flat_ids(model, ids)
+    flat, mask = flat_ids(model, ids)
     x, bias, layer_keys, k_final = model.encoder.prepare(flat, mask, key)
     out, inputs = model.encoder.run_layers(x, bias, layer_keys, keep_inputs=True)
     emb = model.head(model.encoder.finish(out, k_final), mask)
@@ -77,7 +78,7 @@ def grads_from_cache(graphdef: nnx.GraphDef, params: nnx.State, frozen: nnx.Stat
 
     def forward(p):
         model = nnx.merge(graphdef, p, frozen)
-        flat, mask = _flat_ids(model, ids)
+        flat, mask = flat_ids(model, ids)
         x, bias, layer_keys, k_final = model.encoder.prepare(flat, mask, key)
         stack = _cached_stack(nnx.graphdef(model.encoder.layers), grad_x, grad_bias)
         h = stack(_subtree(p, _LAYERS), _subtree(frozen, _LAYERS), x, bias, layer_keys, inputs, out)
@@ -148,31 +149,47 @@ def _cached_stack(layer_graphdef: nnx.GraphDef, grad_x: bool, grad_bias: bool) -
     return stack
 
 
-def cached_gradcache(graphdef: nnx.GraphDef, params: nnx.State, frozen: nnx.State, micro: Array, keys: Array,
-                     objective: Callable[[Array], tuple[Array, dict]], merge_microbatches: Callable[[Array], Array],
-                     constrain_batch: Callable[[Array, int], Array] = lambda x, axis: x,
-                     constrain_params: Callable[[Any], Any] = lambda tree: tree) -> tuple[Array, dict, nnx.State]:
+def gradcache(embed: Callable[[nnx.State, Array, Array], Array], graphdef: nnx.GraphDef, params: nnx.State,
+              frozen: nnx.State, micro: Array, keys: Array, objective: Callable[[Array], tuple[Array, dict]],
+              merge_microbatches: Callable[[Array], Array], *, cache_layer_inputs: bool = False,
+              constrain_batch: Callable[[Array, int], Array] = lambda x, axis: x,
+              constrain_params: Callable[[Any], Any] = lambda tree: tree) -> tuple[Array, dict, nnx.State]:
     """(loss, metrics, grads) of the whole batch from micro-batches micro [k, mb, C, L].
 
     Args:
+      embed: `(params, ids [mb, C, L], key)` -> embeddings [mb, C, D] (plain mode).
       objective: embeddings [B, C, D] -> (loss, metrics).
       merge_microbatches: [k, mb, ...] -> [B, ...] in the batch's row order.
+      cache_layer_inputs: keep the block inputs of the first pass (module docstring);
+        otherwise plain GradCache, which re-embeds each micro-batch under `jax.vjp`.
       constrain_batch: `(x, axis)` -> x with axis `axis` split over the batch shards.
       constrain_params: a params-shaped tree -> the same, sharded like the parameters.
     """
-    def first_pass(xs):
-        ids, key = xs
-        emb, inputs, out = embed_keeping_inputs(graphdef, params, frozen, ids, key)
-        return emb, constrain_batch(inputs, 1), constrain_batch(out, 0)
+    if cache_layer_inputs:
+        def first_pass(ids, key):
+            emb, inputs, out = embed_keeping_inputs(graphdef, params, frozen, ids, key)
+            return emb, (constrain_batch(inputs, 1), constrain_batch(out, 0))
 
-    emb, inputs, out = jax.lax.map(first_pass, (micro, keys))
+        def micro_grads(ids, key, cache, g):
+            return grads_from_cache(graphdef, params, frozen, ids, key, *cache, g)
+    else:
+        def first_pass(ids, key):
+            return embed(params, ids, key), ()
+
+        def micro_grads(ids, key, cache, g):
+            _, vjp = jax.vjp(lambda p: embed(p, ids, key), params)
+            return vjp(g)[0]
+
+    # 1. Embeddings of every micro-batch, no gradients kept (and, cached, the block inputs).
+    emb, cache = jax.lax.map(lambda xs: first_pass(*xs), (micro, keys))  # emb [k, mb, C, D]
+    # 2. The loss on the full set, and its gradient with respect to the embeddings.
     (loss, metrics), emb_grad = jax.value_and_grad(lambda e: objective(merge_microbatches(e)), has_aux=True)(emb)
 
-    def step(acc, xs):
-        ids, key, cached_in, cached_out, g = xs
-        grad = grads_from_cache(graphdef, params, frozen, ids, key, cached_in, cached_out, g)
-        return constrain_params(jax.tree.map(jnp.add, acc, grad)), None
+    # 3. Per micro-batch, the gradients the cached embedding gradients pull back, summed.
+    def accumulate(acc, xs):
+        ids, key, c, g = xs
+        return constrain_params(jax.tree.map(jnp.add, acc, micro_grads(ids, key, c, g))), None
 
-    grads, _ = jax.lax.scan(step, constrain_params(jax.tree.map(jnp.zeros_like, params)),
-                            (micro, keys, inputs, out, emb_grad))
+    grads, _ = jax.lax.scan(accumulate, constrain_params(jax.tree.map(jnp.zeros_like, params)),
+                            (micro, keys, cache, emb_grad))
     return loss, metrics, grads

@@ -22,7 +22,8 @@ Batch Size under Memory Limited Setup"). The exact large-batch gradient in bound
   3. for each micro-batch, re-run the encoder under `jax.vjp` with the same dropout key
      and pull the cached embedding gradients back to the parameters, summing (`lax.scan`).
 Only one micro-batch of activations is alive at a time. Plain gradient accumulation would
-instead shrink the pool of negatives to one micro-batch.
+instead shrink the pool of negatives to one micro-batch. The passes live in
+`mst5_jax.gradcache`, with the variant that keeps the block inputs of step 1.
 
 Micro-batch layout. Micro-batch m (of k = B / microbatch_size) holds the triplets
 m, m + k, m + 2k, ... (strided), so that with the batch split in contiguous blocks over
@@ -191,10 +192,8 @@ def embed_microbatch(graphdef: nnx.GraphDef, params: nnx.State, frozen: nnx.Stat
     """Sentence embeddings float32 [mb, C, D] of token ids [mb, C, L], in one encoder call
     on [mb * C, L] (triplet-major). Pad id 0 is masked; EOS (id 1) counts as a token."""
     model = nnx.merge(graphdef, params, frozen)
-    mb, c, length = ids.shape
-    flat = ids.reshape(mb * c, length)
-    emb = model(flat, (flat != model.cfg.pad_token_id).astype(jnp.int32), dropout_key=key)
-    return emb.reshape(mb, c, -1)
+    emb = model(*gradcache.flat_ids(model, ids), dropout_key=key)
+    return emb.reshape(*ids.shape[:2], -1)
 
 
 def to_microbatches(x: jax.Array, k: int) -> jax.Array:
@@ -274,39 +273,23 @@ def loss_and_grads(graphdef: nnx.GraphDef, params: nnx.State, frozen: nnx.State,
                              f"batch shards of the mesh ({dict(mesh.shape)}); every micro-batch is split over them")
         micro = jax.lax.with_sharding_constraint(micro, NamedSharding(mesh, PartitionSpec(None, BATCH_MESH_AXES)))
 
+    def constrain_batch(x, axis):
+        return x if mesh is None else jax.lax.with_sharding_constraint(
+            x, NamedSharding(mesh, PartitionSpec(*[None] * axis, BATCH_MESH_AXES)))
+
     def constrain_params(tree):
         return tree if param_shardings is None else jax.lax.with_sharding_constraint(tree, param_shardings)
 
-    if cache_layer_inputs:
-        def constrain_batch(x, axis):
-            if mesh is None:
-                return x
-            return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, PartitionSpec(*[None] * axis,
-                                                                                         BATCH_MESH_AXES)))
-
-        return gradcache.cached_gradcache(graphdef, params, frozen, micro, keys, objective, from_microbatches,
-                                          constrain_batch, constrain_params)
-
-    # 1. Embeddings of every micro-batch, no gradients kept.
-    emb = jax.lax.map(lambda xs: embed(params, *xs), (micro, keys))  # [k, mb, C, D]
-    # 2. The loss on the full set, and its gradient with respect to the embeddings.
-    (loss, metrics), emb_grad = jax.value_and_grad(lambda e: objective(from_microbatches(e)), has_aux=True)(emb)
-
-    # 3. Per micro-batch, the encoder's VJP with the cached embedding gradients.
-    def accumulate(acc, xs):
-        x, key, g = xs
-        _, vjp = jax.vjp(lambda p: embed(p, x, key), params)
-        (grad,) = vjp(g)
-        return constrain_params(jax.tree.map(jnp.add, acc, grad)), None
-
-    grads, _ = jax.lax.scan(accumulate, constrain_params(jax.tree.map(jnp.zeros_like, params)), (micro, keys, emb_grad))
-    return loss, metrics, grads
+    return gradcache.gradcache(embed, graphdef, params, frozen, micro, keys, objective, from_microbatches,
+                               cache_layer_inputs=cache_layer_inputs, constrain_batch=constrain_batch,
+                               constrain_params=constrain_params)
 
 
 # ---------------------------------------------------------------------- the step
 def make_train_step(graphdef: nnx.GraphDef, optimizer: optax.GradientTransformation, loss_config: Any,
                     mesh: AnyMesh, shardings: StepShardings, microbatch_size: Optional[int] = None,
-                    cache_layer_inputs: bool = False) -> Callable[[TrainState, nnx.State, Batch], tuple[TrainState, dict[str, jax.Array]]]:
+                    cache_layer_inputs: bool = False
+                    ) -> Callable[[TrainState, nnx.State, Batch], tuple[TrainState, dict[str, jax.Array]]]:
     """The jitted step `(state, frozen, batch) -> (state, metrics)`; `state` is donated.
 
     Args:
