@@ -32,9 +32,13 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 from flax import nnx  # noqa: E402
 
-from mst5_jax import checkpoints, flops, lora, partitioning, train_step  # noqa: E402
-from mst5_jax.config import EncoderConfig  # noqa: E402
-from mst5_jax.model import abstract_model, path_str  # noqa: E402
+from mst5_jax.formats import huggingface
+from mst5_jax.training import flops
+from mst5_jax.core import lora
+from mst5_jax.core import partitioning
+from mst5_jax.training import train_step  # noqa: E402
+from mst5_jax.core.config import EncoderConfig  # noqa: E402
+from mst5_jax.core.model import abstract_model, path_str  # noqa: E402
 
 WEIGHTS_FORMAT = 1  # bump when the layout of the shared weights folder changes
 
@@ -178,7 +182,7 @@ def write_weights(cfg: EncoderConfig, out: pathlib.Path, seed: int, rows: common
     flat = {path_str(p): v for p, v in nnx.to_flat_state(nnx.state(abstract_model(cfg), nnx.Param))}
     key = jax.random.key(seed)
     tensors = []
-    for i, (pname, entries) in enumerate(checkpoints.hf_names(cfg).items()):
+    for i, (pname, entries) in enumerate(huggingface.hf_names(cfg).items()):
         shape = tuple(flat[pname].get_value().shape)
         stacked = len(entries) > 1 or pname.startswith("encoder/layers/")
         per = shape[1:] if stacked else shape
@@ -190,7 +194,7 @@ def write_weights(cfg: EncoderConfig, out: pathlib.Path, seed: int, rows: common
     hf = cfg.to_hf_dict()
     hf["torch_dtype"] = "bfloat16"
     (out / "config.json").write_text(json.dumps(hf, indent=2) + "\n")
-    checkpoints.write_safetensors(out / checkpoints.SAFETENSORS, iter(tensors), metadata={"format": "pt"})
+    huggingface.write_safetensors(out / huggingface.SAFETENSORS, iter(tensors), metadata={"format": "pt"})
     nbytes = sum(t.nbytes for _, t in tensors)
     del tensors
     write_adapter(cfg, out / "adapter", seed)
@@ -210,7 +214,7 @@ def write_adapter(cfg: EncoderConfig, out: pathlib.Path, seed: int) -> None:
             tensors.append((f"{name}.lora_A.weight", rng.uniform(-bound, bound, (r, cfg.d_model)).astype(np.float32)))
             tensors.append((f"{name}.lora_B.weight",
                             rng.normal(0.0, common.LORA_B_STD, (cfg.inner_dim, r)).astype(np.float32)))
-    checkpoints.write_safetensors(out / lora.ADAPTER_SAFETENSORS, iter(tensors), metadata={"format": "pt"})
+    huggingface.write_safetensors(out / lora.ADAPTER_SAFETENSORS, iter(tensors), metadata={"format": "pt"})
     config = {"peft_type": "LORA", "task_type": None, "base_model_name_or_path": None, "inference_mode": False,
               "r": r, "lora_alpha": common.LORA_ALPHA, "lora_dropout": 0.0, "target_modules": list(common.LORA_TARGETS),
               "bias": "none", "fan_in_fan_out": False, "use_rslora": False, "init_lora_weights": True,
@@ -226,7 +230,7 @@ def task_fwd(spec: dict, job: dict, rows: common.RowWriter) -> None:
     wdir = pathlib.Path(spec["weights_dir"][name])
     ids = np.load(spec["ids"])
     t0 = time.perf_counter()
-    model = checkpoints.load_hf_weights(wdir, cfg)
+    model = huggingface.load_hf_weights(wdir, cfg)
     lora.load_peft_adapter(model, wdir / "adapter")
     jax.block_until_ready(nnx.state(model))
     load_s = time.perf_counter() - t0
@@ -360,9 +364,9 @@ def _xla_step_gib(compiled) -> float | None:
 
 # ---------------------------------------------------------------------- e2e
 def task_e2e(spec: dict, job: dict, rows: common.RowWriter) -> None:
-    from mst5_jax.encode import SentenceEncoder
-    from mst5_jax.tokenizer import Tokenizer
-    from mst5_jax.vocab import train_sentencepiece
+    from mst5_jax.inference.encoder import SentenceEncoder
+    from mst5_jax.formats.tokenizer import Tokenizer
+    from mst5_jax.formats.vocab import train_sentencepiece
 
     name = job["model"]
     row = dict(section="e2e", side="ours", model=name, config=job["config"], kind="encode")
@@ -385,7 +389,7 @@ def task_e2e(spec: dict, job: dict, rows: common.RowWriter) -> None:
             spm.parent.mkdir(parents=True, exist_ok=True)
             train_sentencepiece(files, spm, vocab_size=job["vocab_size"])
         cfg = encoder_config(spec, name)
-        model = checkpoints.load_hf_weights(spec["weights_dir"][name], cfg)
+        model = huggingface.load_hf_weights(spec["weights_dir"][name], cfg)
         enc = SentenceEncoder(model, Tokenizer.from_pretrained(spm))
         kw = dict(batch_size=job["batch_size"], max_length=job["max_length"])
         t0 = time.perf_counter()

@@ -14,7 +14,7 @@ Rows (core suite, mT5 sizes, bf16 compute and weights, LoRA r=8 on q and v, drop
              policy (--best-remat) and full remat; the reference eager with and without
              gradient checkpointing.
   gradcache  ours, 1024 triplets x 64 tokens, GradCache micro-batches of 128 with cached
-             layer inputs (`mst5_jax.gradcache`: the FLOPs of one full-remat step):
+             layer inputs (`mst5_jax.core.gradcache`: the FLOPs of one full-remat step):
              triplets/s and peak memory over 3 steps.
   base_fwd   parity and encode for mT5-base, 512 x 64.
   e2e        `SentenceEncoder.encode` end to end on real Tatoeba text (tokenisation included).
@@ -39,9 +39,9 @@ for every LoRA parameter, AdamW (lr 1e-4, no weight decay).
 
 MFU = model FLOPs / (time x the larger bf16 matmul peak measured in this run), model FLOPs
 = forward 2·N_nonemb·tokens + attention products, plus for a train step the activation
-gradients (as much again) and the LoRA weight gradients (`mst5_jax.flops.model_flops_per_triplet`);
+gradients (as much again) and the LoRA weight gradients (`mst5_jax.training.flops.model_flops_per_triplet`);
 recompute is not counted. Our step rows also give HFU: the matmul FLOPs the traced program
-executes (`mst5_jax.flops.matmul_flops`, recompute and GradCache passes included) over the
+executes (`mst5_jax.training.flops.matmul_flops`, recompute and GradCache passes included) over the
 same time x peak, so MFU / HFU separates the cost of a policy from how well the GPU runs it.
 
 The reference rows need torch, transformers and peft; where they are not importable
@@ -113,7 +113,7 @@ def model_vocab(spec: dict, name: str) -> int:
     m = spec["models"][name]
     if "fields" in m:
         return m["fields"]["vocab_size"]
-    from mst5_jax.config import EncoderConfig  # pure Python, no jax
+    from mst5_jax.core.config import EncoderConfig  # pure Python, no jax
 
     return EncoderConfig.preset(m["preset"]).vocab_size
 
@@ -437,8 +437,8 @@ def add_flops(rows: list[dict], spec: dict) -> float | None:
     """Adds model_flops, tflops and mfu to timing rows; returns the peak used (TFLOP/s)."""
     peaks = [r["value"] for r in rows if r.get("section") == "matmul" and r.get("status") == "ok"]
     peak = max(peaks) if peaks else None
-    from mst5_jax.config import EncoderConfig
-    from mst5_jax.flops import model_flops_per_triplet
+    from mst5_jax.core.config import EncoderConfig
+    from mst5_jax.training.flops import model_flops_per_triplet
 
     for r in rows:
         if r.get("status") != "ok" or r.get("kind") not in ("encode", "train") or r.get("section") == "e2e":

@@ -32,10 +32,10 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
 import jax  # noqa: E402
 
-from mst5_jax import lora  # noqa: E402
-from mst5_jax.config import EncoderConfig  # noqa: E402
-from mst5_jax.model import REMAT_POLICIES  # noqa: E402
-from mst5_jax.flops import abstract_lora_step, matmul_flops, model_flops_per_triplet  # noqa: E402
+from mst5_jax.core import lora  # noqa: E402
+from mst5_jax.core.config import EncoderConfig  # noqa: E402
+from mst5_jax.core.model import REMAT_POLICIES  # noqa: E402
+from mst5_jax.training.flops import abstract_lora_step, matmul_flops, model_flops_per_triplet  # noqa: E402
 
 GIB = 1024**3
 LORA = lora.LoRAConfig(rank=8, alpha=16, targets=["q", "v"])

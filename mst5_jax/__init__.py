@@ -12,9 +12,9 @@ __all__ = ["SentenceEncoder", "EncoderConfig"]
 
 def __getattr__(name):
     if name == "SentenceEncoder":
-        from mst5_jax.encode import SentenceEncoder
+        from mst5_jax.inference.encoder import SentenceEncoder
         return SentenceEncoder
     if name == "EncoderConfig":
-        from mst5_jax.config import EncoderConfig
+        from mst5_jax.core.config import EncoderConfig
         return EncoderConfig
     raise AttributeError(f"module 'mst5_jax' has no attribute {name!r}")

@@ -174,7 +174,7 @@ Encoder: {cfg.num_layers} layers, d_model {cfg.d_model}, {cfg.feed_forward} feed
 # ---------------------------------------------------------------------- conversion
 def load_input(args) -> tuple[object, dict, Optional[dict], Optional[str]]:
     """(SentenceEncoder, {role: name}, run_info or None, base reference for a peft output)."""
-    from mst5_jax.encode import SentenceEncoder
+    from mst5_jax.inference.encoder import SentenceEncoder
 
     inp = pathlib.Path(args.input)
     kind = args.input_kind or detect_kind(inp)
@@ -184,9 +184,9 @@ def load_input(args) -> tuple[object, dict, Optional[dict], Optional[str]]:
     run_info = None
     base_ref = None
     if kind == "run":
-        from mst5_jax import train_checkpoints
+        from mst5_jax.training import run_checkpoints
 
-        run_info = train_checkpoints.read_run_info(inp)
+        run_info = run_checkpoints.read_run_info(inp)
         enc = SentenceEncoder.from_pretrained(inp, step=args.step, dtype="float32")
         base = run_info.get("base", {})
         if base.get("path"):
@@ -225,12 +225,12 @@ def convert(args) -> pathlib.Path:
                         out, enc.config.pooling, enc.config.normalize)
         enc.save_pretrained(out, format="hf", merge_lora=True, dtype=args.dtype)
     elif to == "st":
-        from mst5_jax import st_format
+        from mst5_jax.formats import st_format
 
         out.mkdir(parents=True, exist_ok=True)
         st_format.save(enc, out, merge_lora=True, max_seq_length=args.max_seq_length, dtype=args.dtype)
     elif to == "peft":
-        from mst5_jax import lora
+        from mst5_jax.core import lora
 
         if not enc._has_lora():
             raise ConvertError(f"{args.input}: the model has no LoRA factors to write as a PEFT adapter "

@@ -1,312 +1,325 @@
-"""`SentenceEncoder`: load a model, turn sentences into embeddings, save it back.
+"""`python -m mst5_jax.encode`: embed a text file or a JSONL field into `.npy`, resumably.
 
-    enc = SentenceEncoder.from_pretrained("google/mt5-xxl", adapter="pkshatech/m-ST5")
-    emb = enc.encode(["Hello", "Bonjour"])          # float32 [2, 4096]
+    python -m mst5_jax.encode --model PATH [--adapter DIR] --input corpus.txt --output corpus.npy
+    python -m mst5_jax.encode --model PATH --input data.jsonl --field text --output emb/ --sharded
 
-Encoding sorts sentences by token length and runs them in a fixed set of bucket shapes
-(batch_size x {16, 32, 64, ..., max_length}); each shape is compiled once and reused, the
-last partial batch is padded rather than recompiled, and results come back in input order.
+Input: a UTF-8 text file, one sentence per line (the line ending, `\\n` or `\\r\\n`, is
+removed and nothing else; only `\\n` splits lines), or JSON Lines with `--field KEY`
+(a dotted path such as `meta.text` reaches nested objects).
 
-CLI: `python -m mst5_jax.encode --model PATH [--adapter DIR] --input FILE --output FILE.npy`.
+Output, written in shards of `--shard_size` sentences:
+- `OUT.npy` (default): shards go to `OUT.npy.parts/`, and when all are done they are
+  concatenated into `OUT.npy` (a memory map, one shard at a time) and the parts removed.
+- `--sharded`: `OUT/` keeps `shard_00000.npy`, `shard_00001.npy`, ... and `index.json`
+  (`{"num_sentences", "dim", "dtype", "shards": [{"file", "start", "end"}], ...}`).
+
+Memory stays bounded: one shard of sentences and embeddings at a time (about
+shard_size x (dim x 4 bytes + the sentence text)); the model's compiled bucket shapes
+are reused across shards.
+
+Resume: every shard is written to a temporary file and renamed into place, and the
+parts folder holds a `manifest.json` describing the job (model, input size and head
+hash, field, shard size, max_length, normalisation, precision). Running the same
+command again skips finished shards; a different job in the same place is an error that
+says which setting changed. `--max_shards N` stops after N new shards (for tests and for
+splitting a long job into bounded sessions).
+
+Precision: float32 (default), float16, or the sign-bit "binary" / "ubinary" packings of
+sentence-transformers (8 dimensions per byte). int8/uint8 scale by the value range of
+the batch they are computed on, so they would differ from shard to shard; quantize the
+finished float32 file instead.
+
+All local devices are used (data parallel), and a progress bar shows sentences/s.
 """
 from __future__ import annotations
 
+import argparse
+import hashlib
+import json
 import logging
 import os
 import pathlib
 import shutil
-from typing import Any, Callable, Optional, Sequence
+import sys
+import time
+from typing import Iterator, Optional, Sequence
 
-import jax
-import jax.numpy as jnp
 import numpy as np
-from flax import nnx
 
-from mst5_jax import checkpoints
-from mst5_jax.config import EncoderConfig
-from mst5_jax.model import SentenceModel
+log = logging.getLogger("mst5_jax.encode")
 
-log = logging.getLogger(__name__)
-
-MIN_BUCKET = 16
+MANIFEST = "manifest.json"
+INDEX = "index.json"
+CLI_PRECISIONS = ("float32", "float16", "binary", "ubinary")
+_HEAD_BYTES = 1 << 20
 
 
-def bucket_lengths(max_length: int) -> list[int]:
-    """Padded lengths used for encoding: powers of two from 16, capped by max_length."""
-    out, n = [], MIN_BUCKET
-    while n < max_length:
-        out.append(n)
-        n *= 2
-    out.append(max_length)
-    return out
+# ---------------------------------------------------------------------- input
+def count_lines(path: pathlib.Path) -> int:
+    """Lines in a file: `\\n` count, plus one for a last line without a newline."""
+    n, last = 0, b"\n"
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 24), b""):
+            n += chunk.count(b"\n")
+            last = chunk[-1:]
+    return n + (last != b"\n")
 
 
-def _forward(graphdef, state, ids, mask):
-    return nnx.merge(graphdef, state)(ids, mask)
+def _strip_eol(raw: bytes) -> bytes:
+    if raw.endswith(b"\n"):
+        raw = raw[:-1]
+        if raw.endswith(b"\r"):
+            raw = raw[:-1]
+    return raw
 
 
-class SentenceEncoder:
-    """A sentence encoder: tokenizer + `SentenceModel` (+ LoRA), with compiled bucket shapes.
+def _get_field(obj, field: str, path: pathlib.Path, lineno: int) -> str:
+    value = obj
+    for key in field.split("."):
+        if not isinstance(value, dict) or key not in value:
+            raise ValueError(f"{path}:{lineno}: no field {field!r} (missing key {key!r})")
+        value = value[key]
+    if not isinstance(value, str):
+        raise ValueError(f"{path}:{lineno}: field {field!r} is {type(value).__name__}, expected a string")
+    return value
 
-    Attributes:
-      model: the `SentenceModel` (an NNX module; LoRA factors, if any, live inside it).
-      tokenizer: a `mst5_jax.tokenizer.Tokenizer`.
-      config: the model's `EncoderConfig`.
-      compiled_shapes: the (batch, length) shapes compiled so far.
-    """
 
-    def __init__(self, model: SentenceModel, tokenizer: Any, *, source: Optional[str] = None,
-                 adapter: Optional[str] = None, devices: Optional[Sequence[jax.Device]] = None):
-        self.model = model
-        self.tokenizer = tokenizer
-        self.config: EncoderConfig = model.cfg
-        self.source = source
-        self.adapter = adapter
-        self.devices = list(devices) if devices else jax.local_devices()[:1]
-        self._compiled: dict[tuple[int, int], Callable] = {}
-        self._graphdef = self._state = None
-        self._refresh()
+def read_sentences(path: pathlib.Path, field: Optional[str] = None) -> Iterator[str]:
+    """Sentences of a text file (one per line) or of a JSONL field, streamed in order."""
+    with open(path, "rb") as f:
+        for lineno, raw in enumerate(f, 1):
+            try:
+                text = _strip_eol(raw).decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise ValueError(f"{path}:{lineno}: not valid UTF-8 ({e})") from e
+            if field is None:
+                yield text
+                continue
+            try:
+                obj = json.loads(text)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}:{lineno}: not a JSON object ({e})") from e
+            yield _get_field(obj, field, path, lineno)
 
-    # ------------------------------------------------------------------ loading
-    @classmethod
-    def from_pretrained(cls, path: str | os.PathLike, adapter: Optional[str | os.PathLike] = None,
-                        dtype: str = "float32", *, param_dtype: Optional[str] = None,
-                        step: str | int = "latest", devices: Optional[Sequence[jax.Device]] = None,
-                        **config_overrides: Any) -> "SentenceEncoder":
-        """Loads an HF T5/mT5 directory or hub id, a sentence-transformers directory, or a run.
 
-        Args:
-          path: HF directory/hub id (`config.json`, a tokenizer, and safetensors, sharded
-            safetensors or `pytorch_model.bin`), a sentence-transformers directory
-            (`modules.json`), or a training run's MODEL_DIR.
-          adapter: optional PEFT LoRA adapter directory (or hub id).
-          dtype: compute dtype, "float32" or "bfloat16".
-          param_dtype: storage dtype of the weights; defaults to `dtype`.
-          step: for a training run, "latest", "best" or a step number.
-          devices: devices to encode on (data parallel); default the first local device.
-        """
-        from mst5_jax.tokenizer import Tokenizer
+def _input_identity(path: pathlib.Path) -> dict:
+    """Size and sha256 of the first MiB: cheap, and catches a swapped or edited input."""
+    with open(path, "rb") as f:
+        head = hashlib.sha256(f.read(_HEAD_BYTES)).hexdigest()
+    return {"path": str(path.resolve()), "bytes": path.stat().st_size, "head_sha256": head}
 
-        param_dtype = param_dtype or dtype
-        p = pathlib.Path(path).expanduser()
-        if p.is_dir() and (p / "checkpoints").is_dir():
-            from mst5_jax import train_checkpoints
 
-            model, tok = train_checkpoints.load_run_model(p, step=step, dtype=dtype, param_dtype=param_dtype)
-            return cls(model, tok, source=str(p), devices=devices)
-        model_dir = checkpoints.resolve_model_dir(path)
-        from mst5_jax import safety
+# ---------------------------------------------------------------------- shards
+def shard_name(i: int) -> str:
+    return f"shard_{i:05d}.npy"
 
-        safety.check_tree(model_dir)  # symlinks only inside model_dir or its hub cache repo
-        if (model_dir / "modules.json").is_file():
-            from mst5_jax import st_format
 
-            model, tok = st_format.load(model_dir, dtype=dtype, param_dtype=param_dtype, **config_overrides)
-        else:
-            cfg_path = model_dir / "config.json"
-            if not cfg_path.is_file():
-                raise checkpoints.CheckpointError(f"{model_dir}: config.json is missing")
-            cfg = EncoderConfig.from_hf_json(cfg_path, dtype=dtype, param_dtype=param_dtype, **config_overrides)
-            extra = {"projection/kernel": (checkpoints.PROJECTION, True)} if cfg.projection_dim else None
-            model = checkpoints.load_hf_weights(model_dir, cfg, extra=extra)
-            tok = Tokenizer.from_pretrained(model_dir)
-        if adapter is not None:
-            from mst5_jax import lora
+def _save_atomic(path: pathlib.Path, arr: np.ndarray) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as f:
+        np.save(f, arr)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
 
-            adapter_dir = checkpoints.resolve_model_dir(adapter, allow_patterns=["adapter_*"])
-            lora.load_peft_adapter(model, adapter_dir)
-        return cls(model, tok, source=str(model_dir), adapter=None if adapter is None else str(adapter),
-                   devices=devices)
 
-    # ------------------------------------------------------------------ encoding
-    def _refresh(self) -> None:
-        """Re-splits the model (call after changing its weights in place)."""
-        self._graphdef, self._state = nnx.split(self.model)
-        if len(self.devices) > 1:
-            mesh = jax.sharding.Mesh(np.array(self.devices), ("data",))
-            self._replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-            self._batch_sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data"))
-            self._state = jax.device_put(self._state, self._replicated)
-        else:
-            self._batch_sharding = None
-        self._compiled.clear()
+def _write_json_atomic(path: pathlib.Path, obj) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=2) + "\n")
+    os.replace(tmp, path)
 
-    def update_weights(self, model: SentenceModel) -> None:
-        """Swaps in new weights of the same structure without recompiling (used during training)."""
-        graphdef, state = nnx.split(model)
-        if graphdef != self._graphdef:
-            self.model = model
-            self._refresh()
-            return
-        self.model = model
-        self._state = state if len(self.devices) == 1 else jax.device_put(state, self._replicated)
 
-    @property
-    def compiled_shapes(self) -> list[tuple[int, int]]:
-        return sorted(self._compiled)
+def _shard_done(path: pathlib.Path, rows: int) -> bool:
+    if not path.is_file():
+        return False
+    try:
+        arr = np.load(path, mmap_mode="r")
+    except (ValueError, OSError):
+        return False
+    return arr.shape[0] == rows
 
-    def _fn(self, batch: int, length: int) -> Callable:
-        key = (batch, length)
-        if key not in self._compiled:
-            ids = jax.ShapeDtypeStruct((batch, length), jnp.int32, sharding=self._batch_sharding)
-            self._compiled[key] = (
-                jax.jit(_forward, static_argnums=0).lower(self._graphdef, self._state, ids, ids).compile())
-        return self._compiled[key]
 
-    def tokenize(self, sentences: Sequence[str], max_length: int) -> list[list[int]]:
-        return self.tokenizer.encode_batch(list(sentences), max_length=max_length)
+def _check_manifest(parts: pathlib.Path, job: dict) -> None:
+    path = parts / MANIFEST
+    if path.is_file():
+        old = json.loads(path.read_text())
+        changed = sorted(k for k in set(old) | set(job) if old.get(k) != job.get(k))
+        if changed:
+            raise SystemExit(
+                f"{path}: an earlier job with different settings wrote here ({', '.join(changed)} changed: "
+                f"{ {k: old.get(k) for k in changed} } -> { {k: job.get(k) for k in changed} }). "
+                "Delete the folder or choose another --output.")
+    else:
+        parts.mkdir(parents=True, exist_ok=True)
+        _write_json_atomic(path, job)
 
-    def encode(self, sentences: Sequence[str] | str, batch_size: int = 64, max_length: int = 512,
-               normalize: bool = False, *, normalize_embeddings: Optional[bool] = None,
-               show_progress_bar: bool = False, precision: str = "float32",
-               convert_to_numpy: bool = True, **unused: Any) -> np.ndarray:
-        """Embeds sentences. Returns float32 [n, d] (or quantized, see `precision`), input order.
 
-        Args:
-          sentences: a list of strings (a single string gives [d]).
-          batch_size: sentences per compiled batch; rounded up to a multiple of the devices.
-          max_length: tokens per sentence including EOS; longer input is truncated, with
-            one warning per call.
-          normalize / normalize_embeddings: L2-normalise the embeddings.
-          show_progress_bar: a tqdm bar with sentences/s.
-          precision: "float32", or "int8" / "uint8" / "binary" / "ubinary" quantized as
-            sentence-transformers' `quantize_embeddings` does.
-        """
-        if unused:
-            log.debug("encode: ignoring sentence-transformers options %s", sorted(unused))
-        single = isinstance(sentences, str)
-        if single:
-            sentences = [sentences]
-        if not isinstance(sentences, (list, tuple)):
-            sentences = list(sentences)
-        bad = [i for i, s in enumerate(sentences) if not isinstance(s, str)]
-        if bad:
-            raise TypeError(f"encode expects strings; item {bad[0]} is {type(sentences[bad[0]]).__name__}"
-                            f" ({len(bad)} non-string items)")
-        if batch_size <= 0 or max_length <= 1:
-            raise ValueError(f"batch_size={batch_size} and max_length={max_length} must be positive (max_length >= 2)")
-        n = len(sentences)
-        dim = self.config.embedding_dim
-        if n == 0:
-            return np.zeros((0, dim), np.float32)
-        ndev = len(self.devices)
-        batch_size = -(-batch_size // ndev) * ndev
-        ids = self.tokenize(sentences, max_length)
-        truncated = getattr(self.tokenizer, "num_truncated", 0)
-        if truncated:
-            log.warning("encode: %d of %d sentences were truncated to max_length=%d tokens", truncated, n, max_length)
-        buckets = bucket_lengths(max_length)
-        order = sorted(range(n), key=lambda i: len(ids[i]), reverse=True)
-        out = np.zeros((n, dim), np.float32)
-        bar = _progress(n, show_progress_bar)
-        for start in range(0, n, batch_size):
-            idx = order[start:start + batch_size]
-            longest = max(len(ids[i]) for i in idx)
-            length = next(b for b in buckets if b >= longest)
-            arr = np.zeros((batch_size, length), np.int32)
-            for r, i in enumerate(idx):
-                arr[r, : len(ids[i])] = ids[i]
-            mask = np.zeros_like(arr)
-            for r, i in enumerate(idx):
-                mask[r, : len(ids[i])] = 1
-            if self._batch_sharding is not None:
-                arr = jax.device_put(arr, self._batch_sharding)
-                mask = jax.device_put(mask, self._batch_sharding)
-            emb = np.asarray(self._fn(batch_size, length)(self._state, arr, mask))
-            out[idx] = emb[: len(idx)]
-            if bar is not None:
-                bar.update(len(idx))
+def _postprocess(emb: np.ndarray, precision: str) -> np.ndarray:
+    if precision == "float32":
+        return emb.astype(np.float32, copy=False)
+    if precision == "float16":
+        return emb.astype(np.float16)
+    from mst5_jax.inference.encoder import quantize
+
+    return quantize(emb, precision)
+
+
+def concatenate_shards(parts: pathlib.Path, files: Sequence[str], out: pathlib.Path) -> tuple[int, ...]:
+    """Writes the shards, in order, into one `.npy` through a memory map (one shard in memory)."""
+    shapes = [np.load(parts / f, mmap_mode="r").shape for f in files]
+    dtype = np.load(parts / files[0], mmap_mode="r").dtype
+    total = (sum(s[0] for s in shapes),) + tuple(shapes[0][1:])
+    tmp = out.with_name(out.name + ".tmp")
+    mm = np.lib.format.open_memmap(tmp, mode="w+", dtype=dtype, shape=total)
+    row = 0
+    for f in files:
+        arr = np.load(parts / f, mmap_mode="r")
+        mm[row : row + len(arr)] = arr
+        row += len(arr)
+    mm.flush()
+    del mm
+    os.replace(tmp, out)
+    return total
+
+
+# ---------------------------------------------------------------------- the job
+def run(args: argparse.Namespace) -> int:
+    import jax
+
+    from mst5_jax.inference.encoder import SentenceEncoder, _progress
+
+    inp = pathlib.Path(args.input)
+    if not inp.is_file():
+        raise SystemExit(f"--input {inp}: no such file")
+    out = pathlib.Path(args.output)
+    parts = out if args.sharded else out.with_name(out.name + ".parts")
+    if not args.sharded and out.suffix != ".npy":
+        raise SystemExit(f"--output {out}: expected a .npy file (or pass --sharded for a folder of shards)")
+    if args.precision not in CLI_PRECISIONS:
+        raise SystemExit(f"--precision {args.precision}: expected one of {CLI_PRECISIONS} (int8/uint8 depend on "
+                         "the batch they are computed on; quantize the finished float32 file instead)")
+    field = args.field
+    if field is None and inp.suffix in (".jsonl", ".ndjson"):
+        raise SystemExit(f"--input {inp} looks like JSON Lines: pass --field KEY")
+    if not args.sharded and out.is_file() and not (parts / MANIFEST).is_file():
+        if not args.overwrite:
+            raise SystemExit(f"--output {out} exists (and no unfinished job is there); pass --overwrite to redo it")
+        out.unlink()
+
+    n = count_lines(inp)
+    num_shards = max(1, -(-n // args.shard_size))
+    job = {
+        "input": _input_identity(inp), "field": field, "num_sentences": n, "shard_size": args.shard_size,
+        "model": str(args.model), "adapter": None if args.adapter is None else str(args.adapter),
+        "step": str(args.step), "dtype": args.dtype, "max_length": args.max_length,
+        "normalize": bool(args.normalize), "precision": args.precision,
+    }
+    _check_manifest(parts, job)
+    todo = [i for i in range(num_shards)
+            if not _shard_done(parts / shard_name(i), min(args.shard_size, n - i * args.shard_size) if n else 0)]
+    log.info("%s: %d sentences in %d shards of %d; %d already done", inp, n, num_shards, args.shard_size,
+             num_shards - len(todo))
+
+    if todo:
+        devices = jax.local_devices()
+        enc = SentenceEncoder.from_pretrained(args.model, adapter=args.adapter, dtype=args.dtype, step=args.step,
+                                              devices=devices)
+        log.info("encoding on %d device(s): %s", len(devices), devices[0].platform)
+        bar = _progress(n, not args.no_progress)
+        if bar is not None:
+            bar.update(n - sum(min(args.shard_size, n - i * args.shard_size) for i in todo))
+        written, t0, encoded = 0, time.time(), 0
+        todo_set = set(todo)
+        sentences = read_sentences(inp, field)
+        for i in range(num_shards):
+            rows = min(args.shard_size, n - i * args.shard_size) if n else 0
+            chunk = [next(sentences) for _ in range(rows)]
+            if i not in todo_set:
+                continue
+            if args.max_shards is not None and written >= args.max_shards:
+                break
+            embs = []
+            for start in range(0, rows, args.chunk_size):
+                part = chunk[start : start + args.chunk_size]
+                embs.append(enc.encode(part, batch_size=args.batch_size, max_length=args.max_length,
+                                       normalize=args.normalize))
+                encoded += len(part)
+                if bar is not None:
+                    bar.update(len(part))
+            emb = np.concatenate(embs) if embs else np.zeros((0, enc.config.embedding_dim), np.float32)
+            _save_atomic(parts / shard_name(i), _postprocess(emb, args.precision))
+            written += 1
         if bar is not None:
             bar.close()
-        if normalize or normalize_embeddings:
-            out /= np.maximum(np.linalg.norm(out, axis=1, keepdims=True), 1e-12)
-        if precision != "float32":
-            out = quantize(out, precision)
-        return out[0] if single else out
+        dt = time.time() - t0
+        log.info("encoded %d sentences in %.1f s (%.0f sentences/s), %d shard(s) written", encoded, dt,
+                 encoded / max(dt, 1e-9), written)
 
-    def similarity(self, a: np.ndarray, b: np.ndarray) -> np.ndarray:
-        """Cosine similarity matrix [len(a), len(b)] of float32 embeddings."""
-        a = a / np.maximum(np.linalg.norm(a, axis=-1, keepdims=True), 1e-12)
-        b = b / np.maximum(np.linalg.norm(b, axis=-1, keepdims=True), 1e-12)
-        return (a.astype(np.float32) @ b.astype(np.float32).T)
-
-    # ------------------------------------------------------------------ saving
-    def save_pretrained(self, out_dir: str | os.PathLike, *, format: str = "hf", merge_lora: bool = True,
-                        dtype: Optional[str] = None) -> pathlib.Path:
-        """Writes an HF directory (`format="hf"`) or a sentence-transformers one.
-
-        With LoRA and `merge_lora=True` the adapter is folded into the saved weights; with
-        `merge_lora=False` the base goes to `out_dir` and the adapter to
-        `out_dir/adapter` as a PEFT directory.
-        """
-        out = pathlib.Path(out_dir)
-        if format == "sentence-transformers":
-            from mst5_jax import st_format
-
-            return st_format.save(self, out, merge_lora=merge_lora)
-        if format != "hf":
-            raise ValueError(f"format={format!r}: expected 'hf' or 'sentence-transformers'")
-        has_lora = self._has_lora()
-        if has_lora:
-            from mst5_jax import lora
-
-            if merge_lora:
-                lora.merge(self.model)
-                try:
-                    checkpoints.save_hf(self.model, out, dtype=dtype)
-                finally:
-                    lora.unmerge(self.model)
-            else:
-                checkpoints.save_hf(self.model, out, dtype=dtype)
-                lora.save_peft_adapter(self.model, out / "adapter", base_model_name_or_path=str(out))
-        else:
-            checkpoints.save_hf(self.model, out, dtype=dtype)
-        self.tokenizer.save(out)
-        return out
-
-    def _has_lora(self) -> bool:
-        from mst5_jax.model import LoRAParam
-
-        return len(nnx.to_flat_state(nnx.state(self.model, LoRAParam))) > 0
+    files = [shard_name(i) for i in range(num_shards)]
+    missing = [f for i, f in enumerate(files)
+               if not _shard_done(parts / f, min(args.shard_size, n - i * args.shard_size) if n else 0)]
+    if missing:
+        log.info("stopped with %d of %d shards done; run the same command again to resume", num_shards - len(missing),
+                 num_shards)
+        return 0
+    first = np.load(parts / files[0], mmap_mode="r")
+    index = dict(job, dim=int(first.shape[1]), dtype=str(first.dtype),
+                 shards=[{"file": f, "start": i * args.shard_size, "end": min(n, (i + 1) * args.shard_size)}
+                         for i, f in enumerate(files)])
+    if args.sharded:
+        _write_json_atomic(parts / INDEX, index)
+        log.info("wrote %d shards and %s", num_shards, parts / INDEX)
+    else:
+        shape = concatenate_shards(parts, files, out)
+        shutil.rmtree(parts)
+        log.info("wrote %s %s %s", out, shape, index["dtype"])
+    return 0
 
 
-def quantize(emb: np.ndarray, precision: str, ranges: Optional[np.ndarray] = None) -> np.ndarray:
-    """sentence-transformers' `quantize_embeddings` semantics.
-
-    int8/uint8: 256 buckets per dimension between `ranges` [2, d] (min and max rows;
-    default: computed from `emb` itself). binary/ubinary: one bit per dimension (> 0),
-    packed; "binary" is shifted by -128 into int8.
-    """
-    if precision in ("int8", "uint8"):
-        if ranges is None:
-            if emb.shape[0] < 2:
-                raise ValueError(f"{precision} quantization needs ranges or at least 2 embeddings")
-            ranges = np.vstack((emb.min(axis=0), emb.max(axis=0)))
-        ranges = np.asarray(ranges, np.float32)
-        starts = ranges[0]
-        steps = (ranges[1] - starts) / 255
-        steps = np.where(steps == 0, 1, steps)
-        q = np.clip(np.floor((emb - starts) / steps), 0, 255)
-        return q.astype(np.uint8) if precision == "uint8" else (q - 128).astype(np.int8)
-    if precision == "binary":
-        return (np.packbits(emb > 0, axis=-1) - 128).astype(np.int8)
-    if precision == "ubinary":
-        return np.packbits(emb > 0, axis=-1)
-    raise ValueError(f"precision={precision!r}: expected float32, int8, uint8, binary or ubinary")
+def load_embeddings(path: str | os.PathLike, mmap: bool = True) -> np.ndarray:
+    """A `.npy` file, or a `--sharded` folder (its index.json) concatenated in order."""
+    p = pathlib.Path(path)
+    if p.is_dir():
+        index_path = p / INDEX
+        if not index_path.is_file():
+            raise FileNotFoundError(f"{p}: no {INDEX} (an unfinished --sharded job?)")
+        index = json.loads(index_path.read_text())
+        return np.concatenate([np.load(p / s["file"]) for s in index["shards"]])
+    return np.load(p, mmap_mode="r" if mmap else None)
 
 
-def _progress(total: int, enabled: bool):
-    if not enabled:
-        return None
-    try:
-        from tqdm.auto import tqdm
-    except ImportError:
-        log.warning("show_progress_bar needs tqdm")
-        return None
-    return tqdm(total=total, unit="sent", desc="encode")
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="python -m mst5_jax.encode", description=__doc__.split("\n")[0],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", required=True, help="HF, sentence-transformers or training-run directory, or hub id")
+    ap.add_argument("--adapter", default=None, help="PEFT LoRA adapter directory")
+    ap.add_argument("--step", default="latest", help="for a training run: latest, best or a step number")
+    ap.add_argument("--input", required=True, help="text file (one sentence per line) or JSON Lines with --field")
+    ap.add_argument("--field", default=None, help="JSONL field holding the text (dotted path for nesting)")
+    ap.add_argument("--output", required=True, help="OUT.npy, or a folder with --sharded")
+    ap.add_argument("--sharded", action="store_true", help="keep shard_*.npy + index.json instead of one .npy")
+    ap.add_argument("--shard_size", type=int, default=100_000, help="sentences per shard (the resume unit)")
+    ap.add_argument("--chunk_size", type=int, default=8192,
+                    help="sentences sorted and encoded together inside a shard (progress granularity)")
+    ap.add_argument("--batch_size", type=int, default=64)
+    ap.add_argument("--max_length", type=int, default=512)
+    ap.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
+    ap.add_argument("--normalize", action="store_true", help="L2-normalise the embeddings")
+    ap.add_argument("--precision", default="float32", help=f"one of {CLI_PRECISIONS}")
+    ap.add_argument("--max_shards", type=int, default=None, help="stop after writing this many new shards")
+    ap.add_argument("--overwrite", action="store_true", help="replace an existing finished OUT.npy")
+    ap.add_argument("--no_progress", action="store_true", help="no progress bar")
+    return ap
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.shard_size <= 0 or args.chunk_size <= 0:
+        raise SystemExit("--shard_size and --chunk_size must be positive")
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+                        stream=sys.stderr)
+    return run(args)
 
 
 if __name__ == "__main__":
-    from mst5_jax.encode_cli import main
-
-    raise SystemExit(main())
+    sys.exit(main())

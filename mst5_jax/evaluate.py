@@ -35,6 +35,7 @@ import numpy as np
 
 from mst5_jax.evals import EVALUATORS, HashEncoder
 from mst5_jax.evals.data import package_versions, sha256_file
+from mst5_jax.utils import paths
 
 Encode = Callable[[list[str]], np.ndarray]
 
@@ -205,7 +206,7 @@ def _jax_device() -> Optional[str]:
 
 def load_model_encoder(model: str, adapter: Optional[str], dtype: str):
     """SentenceEncoder.from_pretrained, imported lazily so `--encoder hash` needs no jax."""
-    from mst5_jax.encode import SentenceEncoder
+    from mst5_jax.inference.encoder import SentenceEncoder
 
     return SentenceEncoder.from_pretrained(model, adapter=adapter, dtype=dtype)
 
@@ -228,8 +229,7 @@ def build_parser() -> argparse.ArgumentParser:
     src.add_argument("--compare", nargs=2, metavar=("A.json", "B.json"), help="print two result files side by side")
     p.add_argument("--adapter", help="PEFT LoRA adapter directory")
     p.add_argument("--tasks", default=",".join(DEFAULT_TASKS), help=f"comma-separated, or 'all' ({', '.join(EVALUATORS)})")
-    p.add_argument("--data_dir", default=os.environ.get("MST5_DATA_DIR",
-                                                         str(pathlib.Path(__file__).resolve().parents[1].parent / "shared" / "data")))
+    p.add_argument("--data_dir", default=str(paths.default_data_dir()))
     p.add_argument("--output", help="where to write the results JSON")
     p.add_argument("--max_length", type=int, default=512, help="tokens per sentence (mSimCSE used 32)")
     p.add_argument("--batch_size", type=int, default=64)

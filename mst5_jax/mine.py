@@ -122,7 +122,7 @@ def mine(x: np.ndarray, y: np.ndarray, k: int = 4, backend: str = "exact",
 # ---------------------------------------------------------------------- text and files
 def read_lines(path: pathlib.Path) -> list[str]:
     """Lines without their ending (`\\n` or `\\r\\n`), split on `\\n` only."""
-    from mst5_jax.encode_cli import read_sentences
+    from mst5_jax.encode import read_sentences
 
     return list(read_sentences(pathlib.Path(path)))
 
@@ -154,7 +154,7 @@ def write_tsv(path: pathlib.Path, pairs: mining.MinedPairs, src_lines: Sequence[
 
 def _embeddings(path: Optional[str], lines: list[str], encoder, args) -> np.ndarray:
     if path:
-        from mst5_jax.encode_cli import load_embeddings
+        from mst5_jax.encode import load_embeddings
 
         emb = np.asarray(load_embeddings(path), dtype=np.float32)
         if len(emb) != len(lines):
@@ -199,7 +199,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if args.model and not (args.src_emb and args.tgt_emb):
         import jax
 
-        from mst5_jax.encode import SentenceEncoder
+        from mst5_jax.inference.encoder import SentenceEncoder
 
         encoder = SentenceEncoder.from_pretrained(args.model, adapter=args.adapter, devices=jax.local_devices())
     x = _embeddings(args.src_emb, src_lines, encoder, args)

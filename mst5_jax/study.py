@@ -41,8 +41,9 @@ import sys
 from typing import Any, Callable, Optional, Sequence
 
 import numpy as np
+from mst5_jax.utils import paths
 
-REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
+REPO_ROOT = paths.REPO_ROOT
 RESOURCE_TABLE = REPO_ROOT / "docs" / "data" / "joshi2020_classes.csv"
 DEFAULT_FEATURE_SETS = "syntax_knn+phonology_knn+inventory_knn"
 MT5_SIZES = ("small", "base", "large", "xl", "xxl")
@@ -440,7 +441,8 @@ def markdown_report(size_results: Sequence[dict], analysis: dict, meta: dict) ->
 def write_report(out_dir: os.PathLike, size_results: Sequence[dict], meta: dict,
                  feature_sets: str = DEFAULT_FEATURE_SETS, resource_table: os.PathLike = RESOURCE_TABLE) -> dict:
     """Writes results.json, results.md, scaling.png and gains.png; returns the analysis."""
-    from mst5_jax import evaluate, plots
+    from mst5_jax import evaluate
+    from mst5_jax.analysis import plots
 
     out = pathlib.Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -471,7 +473,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="run gin file(s) every size starts from (default xxl_lora.gin); repeatable")
     p.add_argument("--tasks", default="tatoeba,bucc,xsts", help="evaluation tasks (mst5_jax.evaluate names)")
     p.add_argument("--task_kwargs", default="{}", help='JSON, e.g. {"xnli_retrieval": {"max_premises": 200}}')
-    p.add_argument("--data_dir", default=os.environ.get("MST5_DATA_DIR", str(REPO_ROOT.parent / "shared" / "data")))
+    p.add_argument("--data_dir", default=str(paths.default_data_dir()))
     p.add_argument("--max_length", type=int, default=64, help="tokens per sentence at evaluation")
     p.add_argument("--batch_size", type=int, default=64)
     p.add_argument("--dtype", default="float32")
@@ -488,7 +490,7 @@ def _evaluate_size(name: str, path: str, adapter: Optional[str], args, tasks: li
                    out: pathlib.Path) -> dict:
     """Loads one model, evaluates it (cached in OUT/eval/NAME.json), returns the size record."""
     from mst5_jax import evaluate
-    from mst5_jax.encode import SentenceEncoder
+    from mst5_jax.inference.encoder import SentenceEncoder
     from mst5_jax.evals.data import package_versions
 
     enc = SentenceEncoder.from_pretrained(path, adapter=adapter, dtype=args.dtype)
@@ -539,7 +541,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     os.environ.setdefault("MST5_NO_SEQIO", "1")
 
     if args.dry_run:
-        from mst5_jax import config_check
+        from mst5_jax.training import config_check
 
         for size in sizes:
             cfg = train_config(size, recipe, args.setting, args.data, out / "runs" / size.name, extra)

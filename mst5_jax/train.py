@@ -1,8 +1,8 @@
 """`python -m mst5_jax.train --gin_file=xxl_lora.gin [--gin.MACRO=VALUE ...]`: the training run.
 
 Data flows one way: task -> `tasks.pipeline.TripletIterator` (host-local numpy batches) ->
-global arrays on the mesh -> the jitted step (`mst5_jax.train_step`) -> metrics.jsonl and
-orbax checkpoints (`mst5_jax.train_checkpoints`).
+global arrays on the mesh -> the jitted step (`mst5_jax.training.train_step`) -> metrics.jsonl and
+orbax checkpoints (`mst5_jax.training.run_checkpoints`).
 
 Gin files are looked up by bare name anywhere under the repository's `gin/` tree (shipped
 as `mst5_jax.gin_configs`); `include` lines resolve against that root. Every run config
@@ -28,11 +28,12 @@ import numpy as np
 import optax
 from flax import nnx
 
-from mst5_jax import partitioning
-from mst5_jax.config import EncoderConfig
-from mst5_jax.flops import model_flops_per_triplet
-from mst5_jax.partitioning import MeshConfig
-from mst5_jax.train_step import LossConfig
+from mst5_jax.core import partitioning
+from mst5_jax.core.config import EncoderConfig
+from mst5_jax.training.flops import model_flops_per_triplet
+from mst5_jax.core.partitioning import MeshConfig
+from mst5_jax.training.train_step import LossConfig
+from mst5_jax.utils import paths
 
 log = logging.getLogger("mst5_jax.train")
 
@@ -69,7 +70,7 @@ class TrainConfig:
     train_steps: int = 100
     schedule_steps: Optional[int] = None
     seed: int = 0
-    lora: Any = None  # mst5_jax.lora.LoRAConfig, or None for full fine-tuning
+    lora: Any = None  # mst5_jax.core.lora.LoRAConfig, or None for full fine-tuning
     optimizer: OptimizerConfig = dataclasses.field(default_factory=OptimizerConfig)
     loss: LossConfig = dataclasses.field(default_factory=LossConfig)
     mesh: MeshConfig = dataclasses.field(default_factory=MeshConfig)
@@ -107,7 +108,7 @@ def register_gin() -> None:
         return
     for cls in (TrainConfig, OptimizerConfig, LossConfig, MeshConfig):
         gin.external_configurable(cls, module="mst5_jax")
-    import mst5_jax.lora  # noqa: F401  (registers LoRAConfig)
+    import mst5_jax.core.lora  # noqa: F401  (registers LoRAConfig)
     import tasks  # noqa: F401  (registers tasks.configure)
 
     register_gin._done = True
@@ -273,20 +274,15 @@ class _Preemption:
 
 
 def _resolve_data_dir(data_dir: Optional[str]) -> pathlib.Path:
-    if data_dir:
-        return pathlib.Path(data_dir)
-    env = os.environ.get("MST5_DATA_DIR")
-    if env:
-        return pathlib.Path(env)
-    return pathlib.Path(__file__).resolve().parent.parent.parent / "shared" / "data"
+    return paths.resolve_data_dir(data_dir)
 
 
 def _encoder_config(cfg: TrainConfig, vocab_size: int) -> EncoderConfig:
-    from mst5_jax import checkpoints
+    from mst5_jax.formats import huggingface
 
     numerics = dict(dtype=cfg.dtype, param_dtype=cfg.param_dtype, remat=cfg.remat, dropout_rate=cfg.dropout_rate)
     if cfg.pretrained:
-        d = checkpoints.resolve_model_dir(cfg.pretrained)
+        d = huggingface.resolve_model_dir(cfg.pretrained)
         return EncoderConfig.from_hf_json(d / "config.json", **numerics, **cfg.model_overrides)
     return EncoderConfig.preset(cfg.model, **numerics, **{"vocab_size": vocab_size, **cfg.model_overrides})
 
@@ -309,7 +305,7 @@ class HeldoutEval:
         self._encoder = None
 
     def __call__(self, model) -> dict:
-        from mst5_jax.encode import SentenceEncoder
+        from mst5_jax.inference.encoder import SentenceEncoder
         from mst5_jax.evals import xnli_retrieval
 
         if self._encoder is None:
@@ -333,9 +329,14 @@ def run(cfg: TrainConfig) -> dict:
 
     Returns a summary dict (final step, last metrics, held-out before/after when enabled).
     """
-    from mst5_jax import checkpoints, faults, lora, manifest, train_checkpoints, train_step
-    from mst5_jax.model import init_model
-    from mst5_jax.tokenizer import Tokenizer
+    from mst5_jax.formats import huggingface
+    from mst5_jax.training import faults
+    from mst5_jax.core import lora
+    from mst5_jax.training import manifest
+    from mst5_jax.training import run_checkpoints
+    from mst5_jax.training import train_step
+    from mst5_jax.core.model import init_model
+    from mst5_jax.formats.tokenizer import Tokenizer
     from tasks.pipeline import TripletIterator
 
     if not cfg.model_dir:
@@ -365,9 +366,9 @@ def run(cfg: TrainConfig) -> dict:
     if cfg.vocab:
         vocab = cfg.vocab
     elif cfg.pretrained:
-        vocab = str(checkpoints.resolve_model_dir(cfg.pretrained))
+        vocab = str(huggingface.resolve_model_dir(cfg.pretrained))
     else:
-        from mst5_jax.vocab import default_vocab_path
+        from mst5_jax.formats.vocab import default_vocab_path
 
         vocab = default_vocab_path(data_dir)
     data = TripletIterator(cfg.mixture_or_task_name, data_dir, vocab, cfg.max_length, host_batch, cfg.seed,
@@ -377,9 +378,9 @@ def run(cfg: TrainConfig) -> dict:
     # Model: pretrained or random init, then LoRA.
     enc_cfg = _encoder_config(cfg, tokenizer.vocab_size)
     if cfg.pretrained:
-        base_dir = checkpoints.resolve_model_dir(cfg.pretrained)
-        model = checkpoints.load_hf_weights(base_dir, enc_cfg)
-        base_info = {"path": str(base_dir), "fingerprint": train_checkpoints.fingerprint(base_dir)}
+        base_dir = huggingface.resolve_model_dir(cfg.pretrained)
+        model = huggingface.load_hf_weights(base_dir, enc_cfg)
+        base_info = {"path": str(base_dir), "fingerprint": run_checkpoints.fingerprint(base_dir)}
     else:
         model = init_model(enc_cfg, seed=cfg.seed)
         base_info = {"path": "base", "random_init": True}
@@ -400,7 +401,7 @@ def run(cfg: TrainConfig) -> dict:
     # Resume only from a step whose files match its manifest; newer steps that do not are
     # moved to MODEL_DIR/checkpoints_rejected/ (the warning names the bad files).
     manifest.newest_verified_step(model_dir / "checkpoints", quarantine=True)
-    ckpt = train_checkpoints.RunCheckpoints(model_dir / "checkpoints", keep=cfg.keep_checkpoints,
+    ckpt = run_checkpoints.RunCheckpoints(model_dir / "checkpoints", keep=cfg.keep_checkpoints,
                                             best_metric=cfg.best_metric if cfg.eval_every else None)
     metrics_path = model_dir / "metrics.jsonl"
     start = ckpt.latest_step() or 0
@@ -415,7 +416,7 @@ def run(cfg: TrainConfig) -> dict:
             truncate_metrics(metrics_path, start)
         log.info("resumed %s at step %d", model_dir, start)
     elif primary:
-        train_checkpoints.write_run_info(model_dir, {
+        run_checkpoints.write_run_info(model_dir, {
             "encoder_config": dataclasses.asdict(enc_cfg), "mode": mode,
             "lora": None if cfg.lora is None else dataclasses.asdict(cfg.lora),
             "base": base_info, "task": cfg.mixture_or_task_name, "vocab": vocab,
@@ -423,7 +424,7 @@ def run(cfg: TrainConfig) -> dict:
         tokenizer.save(model_dir / "tokenizer")
         if mode == "lora" and not cfg.pretrained:
             base_model = nnx.merge(graphdef, jax.tree.map(lambda x: x, state.params), frozen)
-            checkpoints.save_hf(base_model, model_dir / "base", dtype="float32")
+            huggingface.save_hf(base_model, model_dir / "base", dtype="float32")
 
     def current_model():
         params = jax.tree.map(lambda x: x.astype(enc_cfg.param_dtype) if mode == "full" else x, state.params)
@@ -612,7 +613,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     operative = gin.config_str()
     print(operative, flush=True)
     if args.dry_run:
-        from mst5_jax import config_check
+        from mst5_jax.training import config_check
 
         print(json.dumps(config_check.check(cfg), indent=2))
         return 0

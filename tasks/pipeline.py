@@ -72,7 +72,7 @@ class TripletIterator:
     def __init__(self, task_name: str, data_dir: Optional[os.PathLike], vocab_path: Optional[str],
                  max_length: int, batch_size: int, seed: int, shard_index: int = 0, num_shards: int = 1,
                  split: str = "train"):
-        from mst5_jax.tokenizer import Tokenizer  # noqa: PLC0415
+        from mst5_jax.formats.tokenizer import Tokenizer  # noqa: PLC0415
 
         if not 0 <= shard_index < num_shards:
             raise ValueError(f"shard_index must be in [0, {num_shards}), got {shard_index}")

@@ -24,7 +24,7 @@ path (which concatenates) in distribution, not batch for batch.
 
 The vocabulary is one lazily resolved `seqio.SentencePieceVocabulary`: the path comes
 from `tasks.configure(vocab_path=...)` (gin), ``$MST5_VOCAB``, or the cached local model
-(`mst5_jax.vocab`), when a dataset is first built, not at import.
+(`mst5_jax.formats.vocab`), when a dataset is first built, not at import.
 """
 from __future__ import annotations
 

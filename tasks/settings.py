@@ -25,7 +25,7 @@ import os
 import pathlib
 from typing import Optional
 
-REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
+from mst5_jax.utils import paths
 TRAIN_SOURCES = ("xnli_local", "xnli_mt", "xtreme_mt", "xnli_tfds", "xnli1_local")
 NLI_EN_SOURCES = ("tfds", "local")
 
@@ -69,19 +69,19 @@ def get() -> Settings:
 
 def resolve_data_dir(data_dir: Optional[os.PathLike] = None) -> pathlib.Path:
     """`data_dir`, else `configure`'s, else ``$MST5_DATA_DIR``, else ``<repo>/../shared/data``."""
-    chosen = data_dir or _SETTINGS.data_dir or os.environ.get("MST5_DATA_DIR") or (REPO_ROOT.parent / "shared" / "data")
+    chosen = paths.resolve_data_dir(data_dir or _SETTINGS.data_dir)
     return pathlib.Path(chosen)
 
 
 def resolve_vocab_path(vocab_path: Optional[str] = None, data_dir: Optional[os.PathLike] = None) -> str:
-    """`vocab_path`, else `configure`'s (gin), else `mst5_jax.vocab.default_vocab_path`."""
+    """`vocab_path`, else `configure`'s (gin), else `mst5_jax.formats.vocab.default_vocab_path`."""
     if vocab_path or _SETTINGS.vocab_path:
         return str(vocab_path or _SETTINGS.vocab_path)
-    from mst5_jax.vocab import default_vocab_path  # noqa: PLC0415
+    from mst5_jax.formats.vocab import default_vocab_path  # noqa: PLC0415
     return default_vocab_path(resolve_data_dir(data_dir))
 
 
-from mst5_jax.optional_gin import gin_or_none  # noqa: E402
+from mst5_jax.utils.optional_gin import gin_or_none  # noqa: E402
 
 _gin = gin_or_none()  # gin is optional: make `configure` bindable from .gin files when installed.
 if _gin is not None:

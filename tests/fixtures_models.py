@@ -50,7 +50,7 @@ def build_tiny_model_dir(out: pathlib.Path, data_dir: pathlib.Path, *, model_typ
     from hf_reference import hf_config, random_encoder, save_hf_dir
     from transformers import T5Tokenizer
 
-    from mst5_jax.vocab import train_sentencepiece
+    from mst5_jax.formats.vocab import train_sentencepiece
 
     out = pathlib.Path(out)
     out.mkdir(parents=True, exist_ok=True)

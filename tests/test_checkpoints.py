@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 
 from hf_reference import hf_config, hf_forward, random_encoder, random_ids, rel_err, save_hf_dir
-from mst5_jax import checkpoints
-from mst5_jax.checkpoints import CheckpointError, load_hf_weights, save_hf
-from mst5_jax.config import EncoderConfig
+from mst5_jax.formats import huggingface
+from mst5_jax.formats.huggingface import CheckpointError, load_hf_weights, save_hf
+from mst5_jax.core.config import EncoderConfig
 
 
 @pytest.fixture(scope="module")
@@ -42,7 +42,7 @@ def test_decoder_tensors_are_skipped_and_counted(tmp_path, caplog):
     full.save_pretrained(tmp_path / "full")
     import logging
 
-    with caplog.at_level(logging.INFO, logger="mst5_jax.checkpoints"):
+    with caplog.at_level(logging.INFO, logger="mst5_jax.formats.huggingface"):
         load_hf_weights(tmp_path / "full", EncoderConfig.from_hf_json(tmp_path / "full" / "config.json"))
     from safetensors import safe_open
 
@@ -59,22 +59,22 @@ def test_errors_name_the_problem(torch_model, tmp_path):
     with pytest.raises(CheckpointError, match="no weights found"):
         load_hf_weights(tmp_path, cfg)
     with pytest.raises(CheckpointError, match="no such directory"):
-        checkpoints.resolve_model_dir(str(tmp_path / "nope"))
+        huggingface.resolve_model_dir(str(tmp_path / "nope"))
     (tmp_path / "bad").mkdir()
     (tmp_path / "bad" / "model.safetensors.index.json").write_text(
         json.dumps({"weight_map": {"shared.weight": "../evil.safetensors"}}))
     with pytest.raises(CheckpointError, match="must be a plain file name"):
-        checkpoints.weight_files(tmp_path / "bad")
+        huggingface.weight_files(tmp_path / "bad")
     (tmp_path / "trunc").mkdir()
     (tmp_path / "trunc" / "model.safetensors").write_bytes(b"\x05")
     with pytest.raises(CheckpointError, match="not a safetensors file"):
-        checkpoints.weight_files(tmp_path / "trunc") and checkpoints.TensorSource(tmp_path / "trunc")
+        huggingface.weight_files(tmp_path / "trunc") and huggingface.TensorSource(tmp_path / "trunc")
 
 
 def test_missing_tensor_is_named(torch_model, tmp_path):
     sd = {k: v.numpy() for k, v in torch_model.state_dict().items() if "block.1.layer.1.DenseReluDense.wo" not in k}
     (tmp_path / "m").mkdir()
-    checkpoints.write_safetensors(tmp_path / "m" / "model.safetensors", iter(sd.items()))
+    huggingface.write_safetensors(tmp_path / "m" / "model.safetensors", iter(sd.items()))
     torch_model.config.save_pretrained(tmp_path / "m")
     with pytest.raises(CheckpointError, match=r"tensor encoder.block.1.layer.1.DenseReluDense.wo.weight is missing"):
         load_hf_weights(tmp_path / "m", EncoderConfig.from_hf_json(tmp_path / "m" / "config.json"))
@@ -84,8 +84,8 @@ def test_missing_tensor_is_named(torch_model, tmp_path):
 _MEASURE = textwrap.dedent("""
     import json, os, sys
     import jax, numpy as np
-    from mst5_jax.checkpoints import load_hf_weights
-    from mst5_jax.config import EncoderConfig
+    from mst5_jax.formats.huggingface import load_hf_weights
+    from mst5_jax.core.config import EncoderConfig
     def status(key):
         with open("/proc/self/status") as f:
             return next(int(l.split()[1]) * 1024 for l in f if l.startswith(key + ":"))
@@ -114,7 +114,7 @@ def base_shaped_checkpoints(tmp_path_factory):
     root = tmp_path_factory.mktemp("base_ckpt")
     rng = np.random.default_rng(0)
     tensors = {}
-    for name, entries in checkpoints.hf_names(cfg).items():
+    for name, entries in huggingface.hf_names(cfg).items():
         for tname, transpose in entries:
             if name.endswith("embedding") and "token" in name:
                 shape = (cfg.vocab_size, cfg.d_model)
@@ -134,13 +134,13 @@ def base_shaped_checkpoints(tmp_path_factory):
         d.mkdir()
         (d / "config.json").write_text(json.dumps(hf))
         if fmt == "safetensors":
-            checkpoints.write_safetensors(d / "model.safetensors", iter(tensors.items()))
+            huggingface.write_safetensors(d / "model.safetensors", iter(tensors.items()))
         elif fmt == "sharded":
             names = list(tensors)
             shards = {"model-00001-of-00002.safetensors": names[: len(names) // 2],
                       "model-00002-of-00002.safetensors": names[len(names) // 2:]}
             for fname, keys in shards.items():
-                checkpoints.write_safetensors(d / fname, ((k, tensors[k]) for k in keys))
+                huggingface.write_safetensors(d / fname, ((k, tensors[k]) for k in keys))
             (d / "model.safetensors.index.json").write_text(json.dumps(
                 {"weight_map": {k: f for f, ks in shards.items() for k in ks}}))
         else:
@@ -170,7 +170,7 @@ def test_sharded_import_transposes_shard_locally(torch_model, tmp_path):
     from flax import nnx
     from jax.sharding import NamedSharding, PartitionSpec as P
 
-    from mst5_jax.model import path_str
+    from mst5_jax.core.model import path_str
 
     d = save_hf_dir(torch_model, tmp_path / "m")
     cfg = EncoderConfig.from_hf_json(d / "config.json")

@@ -4,8 +4,8 @@ import json
 import pytest
 from flax import nnx
 
-from mst5_jax.config import EncoderConfig
-from mst5_jax.model import abstract_model, count_params
+from mst5_jax.core.config import EncoderConfig
+from mst5_jax.core.model import abstract_model, count_params
 
 # PAPER.md, "Encoder sizes": total and non-embedding encoder parameters, in millions.
 PAPER_COUNTS = {

@@ -14,7 +14,7 @@ import torch
 from fixtures_models import tiny_hf_model_dir, tiny_t5_model_dir  # noqa: F401
 from hf_reference import rel_err
 from mst5_jax.convert import ConvertError, main as convert_main
-from mst5_jax.encode import SentenceEncoder
+from mst5_jax.inference.encoder import SentenceEncoder
 
 SENTS_FILES = ("deu", "fra", "rus", "ara")
 
@@ -127,24 +127,26 @@ def lora_run(tiny_hf_model_dir, tmp_path_factory):
     import jax
     from flax import nnx
 
-    from mst5_jax import checkpoints, lora, train_checkpoints
-    from mst5_jax.config import EncoderConfig
-    from mst5_jax.tokenizer import Tokenizer
+    from mst5_jax.formats import huggingface
+    from mst5_jax.core import lora
+    from mst5_jax.training import run_checkpoints
+    from mst5_jax.core.config import EncoderConfig
+    from mst5_jax.formats.tokenizer import Tokenizer
 
     run = tmp_path_factory.mktemp("run")
     cfg = EncoderConfig.from_hf_json(tiny_hf_model_dir / "config.json")
     lcfg = lora.LoRAConfig(rank=4, alpha=8.0, targets=("q", "v", "wo"))
-    model = checkpoints.load_hf_weights(tiny_hf_model_dir, cfg)
+    model = huggingface.load_hf_weights(tiny_hf_model_dir, cfg)
     lora.apply_lora(model, lcfg, 0)
     params = nnx.to_pure_dict(nnx.state(model, lora.trainable_filter("lora")))
     rng = np.random.default_rng(5)
     params = jax.tree.map(lambda x: np.asarray(x) + 0.3 * rng.standard_normal(x.shape).astype(np.float32), params)
-    mngr = train_checkpoints.RunCheckpoints(run / "checkpoints")
+    mngr = run_checkpoints.RunCheckpoints(run / "checkpoints")
     mngr.save(3, params, {"count": np.zeros((), np.int32)}, {"step": 3})
     mngr.close()
-    train_checkpoints.write_run_info(run, {
+    run_checkpoints.write_run_info(run, {
         "encoder_config": dataclasses.asdict(cfg), "mode": "lora", "lora": dataclasses.asdict(lcfg),
-        "base": {"path": str(tiny_hf_model_dir), "fingerprint": train_checkpoints.fingerprint(tiny_hf_model_dir)},
+        "base": {"path": str(tiny_hf_model_dir), "fingerprint": run_checkpoints.fingerprint(tiny_hf_model_dir)},
         "task": "mst5_xnli_cross", "best_metric": None, "best_mode": "max"})
     Tokenizer.from_pretrained(tiny_hf_model_dir).save(run / "tokenizer")
     return run

@@ -17,7 +17,7 @@ TASK, SPLIT, N = "mst5_nli_en_xnli", "validation", 830
 
 @pytest.fixture(scope="module")
 def vocab_path(data_dir, cache_dir):
-    from mst5_jax.vocab import default_vocab_path
+    from mst5_jax.formats.vocab import default_vocab_path
     with pytest.MonkeyPatch.context() as mp:
         mp.delenv("MST5_VOCAB", raising=False)
         return default_vocab_path(data_dir)  # the demo's cached model: built once per checkout

@@ -1,11 +1,11 @@
-"""mst5_jax.vocab.default_vocab_path: MST5_VOCAB, cache keyed by sha256, clear errors."""
+"""mst5_jax.formats.vocab.default_vocab_path: MST5_VOCAB, cache keyed by sha256, clear errors."""
 import hashlib
 import logging
 
 import pytest
 import sentencepiece as spm
 
-from mst5_jax import vocab
+from mst5_jax.formats import vocab
 
 
 def _write_xnli(d, n=60):

@@ -4,7 +4,7 @@ import pytest
 
 from fixtures_models import tiny_hf_model_dir  # noqa: F401
 from hf_reference import rel_err
-from mst5_jax.encode import SentenceEncoder, bucket_lengths
+from mst5_jax.inference.encoder import SentenceEncoder, bucket_lengths
 
 SENTENCES = ["A man is playing a guitar.", "Un homme joue de la guitare.", "", "   ",
              "رجل يعزف على الجيتار", "x" * 3, "Ein Mann spielt Gitarre. " * 20]
@@ -38,7 +38,7 @@ def test_encode_matches_hf_pytorch_end_to_end(tiny_hf_model_dir):
 
 def test_truncation_warns_once_and_matches_hf(tiny_hf_model_dir, caplog):
     enc = SentenceEncoder.from_pretrained(tiny_hf_model_dir)
-    with caplog.at_level("WARNING", logger="mst5_jax.encode"):
+    with caplog.at_level("WARNING", logger="mst5_jax.inference.encoder"):
         ours = enc.encode(SENTENCES, max_length=8)
     assert caplog.text.count("truncated") == 1
     assert rel_err(ours, _hf_embed(tiny_hf_model_dir, SENTENCES, max_length=8)) <= 1e-4
@@ -78,7 +78,7 @@ def test_bad_input(tiny_hf_model_dir, tmp_path):
         enc.encode(["ok", 3])
     with pytest.raises(ValueError, match="batch_size=0"):
         enc.encode(["ok"], batch_size=0)
-    from mst5_jax.checkpoints import CheckpointError
+    from mst5_jax.formats.huggingface import CheckpointError
 
     with pytest.raises(CheckpointError, match="no such directory"):
         SentenceEncoder.from_pretrained(tmp_path / "missing")

@@ -26,7 +26,7 @@ COMMON = ("--shard_size", "1000", "--max_length", "128", "--batch_size", "64", "
 
 def cli(*args, check=True, **kw):
     env = {**os.environ, "PYTHONPATH": str(REPO), "XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
-    proc = subprocess.run([sys.executable, "-m", "mst5_jax.encode_cli", *map(str, args)], cwd=REPO, env=env,
+    proc = subprocess.run([sys.executable, "-m", "mst5_jax.encode", *map(str, args)], cwd=REPO, env=env,
                           capture_output=True, text=True, timeout=300, **kw)
     if check and proc.returncode != 0:
         raise AssertionError(f"exit {proc.returncode}\n{proc.stderr[-3000:]}")
@@ -90,7 +90,7 @@ def test_sigkill_then_resume_equals_uninterrupted(full_run, tiny_hf_model_dir, c
     out = tmp_path / "emb"
     args = ["--model", tiny_hf_model_dir, "--input", corpus[0], "--output", out, "--sharded", *COMMON]
     env = {**os.environ, "PYTHONPATH": str(REPO), "XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
-    proc = subprocess.Popen([sys.executable, "-m", "mst5_jax.encode_cli", *map(str, args)], cwd=REPO, env=env,
+    proc = subprocess.Popen([sys.executable, "-m", "mst5_jax.encode", *map(str, args)], cwd=REPO, env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 240
     while not (out / "shard_00000.npy").exists() and time.time() < deadline and proc.poll() is None:
@@ -103,7 +103,7 @@ def test_sigkill_then_resume_equals_uninterrupted(full_run, tiny_hf_model_dir, c
     index = json.loads((out / "index.json").read_text())
     assert index["num_sentences"] == N_LINES and index["dim"] == 32 and len(index["shards"]) == 10
     assert [(s["start"], s["end"]) for s in index["shards"]] == [(i * 1000, (i + 1) * 1000) for i in range(10)]
-    from mst5_jax.encode_cli import load_embeddings
+    from mst5_jax.encode import load_embeddings
 
     np.testing.assert_array_equal(load_embeddings(out), full_run)
 

@@ -107,7 +107,7 @@ def tiny_model_dir(data_dir, tmp_path_factory):
     sys.path.insert(0, str(REPO / "tests"))
     from hf_reference import hf_config, random_encoder, save_hf_dir
 
-    from mst5_jax.vocab import train_sentencepiece
+    from mst5_jax.formats.vocab import train_sentencepiece
 
     d = tmp_path_factory.mktemp("tiny_mt5")
     files = [data_dir / "sts17" / "STS2017-extended" / f"STS.{p}.txt" for p in ("en-en", "es-es", "ar-ar", "en-tr")]

@@ -3,9 +3,9 @@ import jax
 import jax.numpy as jnp
 import pytest
 
-from mst5_jax import lora
-from mst5_jax.config import EncoderConfig
-from mst5_jax.flops import abstract_lora_step, matmul_flops, model_flops_per_triplet
+from mst5_jax.core import lora
+from mst5_jax.core.config import EncoderConfig
+from mst5_jax.training.flops import abstract_lora_step, matmul_flops, model_flops_per_triplet
 
 
 def test_matmul_counter_counts_scans_and_conds():

@@ -1,4 +1,4 @@
-"""GradCache in mst5_jax.train_step: exact large-batch contrastive gradients in micro-batches.
+"""GradCache in mst5_jax.training.train_step: exact large-batch contrastive gradients in micro-batches.
 
 References: the full-batch step (one pass, plain autodiff); plain autodiff through a
 Python loop over the micro-batches with the same dropout keys, on one device; XLA's
@@ -17,13 +17,13 @@ import torch
 from flax import nnx
 
 from hf_reference import hf_config, random_encoder, random_ids, save_hf_dir
-from mst5_jax import config_check
-from mst5_jax import train_step as ts
-from mst5_jax.checkpoints import hf_names, load_hf_weights
-from mst5_jax.config import EncoderConfig
-from mst5_jax.lora import split_trainable
-from mst5_jax.model import path_str
-from mst5_jax.partitioning import MeshConfig, batch_sharding, logical_axis_rules, make_mesh
+from mst5_jax.training import config_check
+from mst5_jax.training import train_step as ts
+from mst5_jax.formats.huggingface import hf_names, load_hf_weights
+from mst5_jax.core.config import EncoderConfig
+from mst5_jax.core.lora import split_trainable
+from mst5_jax.core.model import path_str
+from mst5_jax.core.partitioning import MeshConfig, batch_sharding, logical_axis_rules, make_mesh
 from test_train_step import LOSS, assert_agree, graphdef_with, make_batch, random_lora_model, rel_l2
 
 TOL = 1e-5

@@ -30,7 +30,7 @@ GUIDE_FILES = sorted(p.name for p in GUIDES.glob("*.md") if p.name != "README.md
 CHEAP_TASKS = ("xsts", "xnli_retrieval", "jsick_retrieval", "stsb_en", "korsts", "jsts", "jsick")
 SMALL_TASK = "mst5_nli_en_xnli"  # 1,670 English triplets from the local XNLI files: the cheapest local task
 BUILTIN_RECIPES = ("xxl_lora.gin", "xxl_lora_tpu_pod.gin", "base_full_finetune.gin")
-PARSERS = {"evaluate": "mst5_jax.evaluate", "encode": "mst5_jax.encode_cli", "mine": "mst5_jax.mine",
+PARSERS = {"evaluate": "mst5_jax.evaluate", "encode": "mst5_jax.encode", "mine": "mst5_jax.mine",
            "convert": "mst5_jax.convert"}
 TINY_TRAIN = ["--gin_file=cpu.gin", "--gin.TRAIN_STEPS=2", "--gin.BATCH_SIZE=4", "--gin.MAX_LENGTH=16",
               "--gin.TrainConfig.model_overrides={}", "--gin.TrainConfig.eval_every=None",

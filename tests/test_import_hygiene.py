@@ -5,9 +5,9 @@ import sys
 import textwrap
 
 CORE_MODULES = [
-    "mst5_jax", "mst5_jax.config", "mst5_jax.model", "mst5_jax.lora", "mst5_jax.losses",
-    "mst5_jax.partitioning", "mst5_jax.train_step", "mst5_jax.encode", "mst5_jax.checkpoints",
-    "mst5_jax.train_checkpoints", "mst5_jax.tokenizer", "mst5_jax.evals", "tasks.pipeline",
+    "mst5_jax", "mst5_jax.core.config", "mst5_jax.core.model", "mst5_jax.core.lora", "mst5_jax.core.losses",
+    "mst5_jax.core.partitioning", "mst5_jax.training.train_step", "mst5_jax.inference.encoder", "mst5_jax.formats.huggingface",
+    "mst5_jax.training.run_checkpoints", "mst5_jax.formats.tokenizer", "mst5_jax.evals", "tasks.pipeline",
 ]
 BLOCKED = ["tensorflow", "seqio", "gin", "clu", "torch", "tensorflow_datasets", "tensorflow_text"]
 

@@ -1,4 +1,4 @@
-"""mst5_jax.lora against peft 0.21 on random HF PyTorch encoders.
+"""mst5_jax.core.lora against peft 0.21 on random HF PyTorch encoders.
 
 References: `peft.PeftModel` + masked mean pooling (embeddings), peft's own trainable
 parameter count, peft's `merge_and_unload` (merged kernels), the HF torch state dict
@@ -22,9 +22,9 @@ from flax import nnx
 from safetensors.torch import load_file as load_torch_safetensors
 
 from hf_reference import hf_config, hf_forward, random_encoder, random_ids, rel_err, save_hf_dir
-from mst5_jax.checkpoints import load_hf_weights
-from mst5_jax.config import EncoderConfig
-from mst5_jax.lora import (
+from mst5_jax.formats.huggingface import load_hf_weights
+from mst5_jax.core.config import EncoderConfig
+from mst5_jax.core.lora import (
     LoRAConfig,
     LoRAError,
     apply_lora,
@@ -38,7 +38,7 @@ from mst5_jax.lora import (
     trainable_filter,
     unmerge,
 )
-from mst5_jax.model import LoRAParam, count_params, logical_axes, path_str
+from mst5_jax.core.model import LoRAParam, count_params, logical_axes, path_str
 
 TOL = 1e-4
 ALL_GATED = ["q", "k", "v", "o", "wi_0", "wi_1", "wo"]
@@ -103,7 +103,7 @@ def test_embeddings_match_peft(tmp_path, case):
     assert rel_err(emb, ref) <= TOL, case
 
     # The dry run counts what peft counts.
-    from mst5_jax.lora import lora_config_from_peft
+    from mst5_jax.core.lora import lora_config_from_peft
     report = dry_run(model.cfg, lora_config_from_peft(json.loads((tmp_path / "adapter/adapter_config.json").read_text())),
                      print_fn=lambda s: None)
     trainable, total = pm.get_nb_trainable_parameters()
@@ -308,7 +308,7 @@ def test_merge_unmerge_fp32_against_peft(tmp_path):
     assert rel_err(embed(model, ids, mask), before) <= 1e-5
     # A merged model exports as a plain HF encoder that transformers loads with peft's embeddings.
     import transformers
-    from mst5_jax.checkpoints import save_hf
+    from mst5_jax.formats.huggingface import save_hf
     exported = transformers.MT5EncoderModel.from_pretrained(save_hf(model, tmp_path / "merged")).eval()
     assert rel_err(hf_forward(exported, ids, mask)[1], hf_forward(pm, ids, mask)[1]) <= TOL
     merged_ref = pm.merge_and_unload().state_dict()
@@ -350,7 +350,7 @@ def test_merge_unmerge_bf16_restores_original(tmp_path):
 
 def test_lora_dropout_acts_on_input_of_a_only():
     """E[y] over dropout masks equals x W + x A B s (numpy), and B = 0 leaves x W exactly."""
-    from mst5_jax.model import Linear, LoRAScale
+    from mst5_jax.core.model import Linear, LoRAScale
     cfg = EncoderConfig(vocab_size=16, d_model=8, d_ff=8, num_heads=2, d_kv=4, num_layers=1)
     lin = Linear(8, 6, ("embed", "mlp"), cfg, 0.3, nnx.Rngs(params=0))
     rng = np.random.default_rng(0)
@@ -414,7 +414,7 @@ def test_decoder_adapter_refused_with_count(tmp_path):
 
 
 def test_unexpected_missing_and_misshapen_tensors_are_named(tmp_path):
-    from mst5_jax.checkpoints import write_safetensors
+    from mst5_jax.formats.huggingface import write_safetensors
     base_dir, adapter = _adapter_with(tmp_path)
     st = adapter / "adapter_model.safetensors"
     tensors = {k: v.numpy() for k, v in load_torch_safetensors(str(st)).items()}
@@ -480,7 +480,7 @@ def test_gin_configurable_and_core_imports_without_gin():
     finally:
         gin.clear_config()
     code = ("import sys; sys.modules['gin'] = None; sys.modules['torch'] = None; "
-            "import mst5_jax.lora as l; print(l.LoRAConfig().rank)")
+            "import mst5_jax.core.lora as l; print(l.LoRAConfig().rank)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
                          cwd=pathlib.Path(__file__).resolve().parents[1])
     assert out.returncode == 0 and out.stdout.strip() == "8", out.stderr[-2000:]

@@ -1,4 +1,4 @@
-"""mst5_jax.losses against sentence-transformers 6 (the loss, its symmetric variant and the
+"""mst5_jax.core.losses against sentence-transformers 6 (the loss, its symmetric variant and the
 gradients, via torch autograd) and a brute-force float64 numpy reference (false-negative
 mask, hard-negative weight, label smoothing, metrics)."""
 import warnings
@@ -13,7 +13,7 @@ from sentence_transformers.sentence_transformer.losses import (
     MultipleNegativesSymmetricRankingLoss,
 )
 
-from mst5_jax.losses import contrastive_loss, false_negative_mask
+from mst5_jax.core.losses import contrastive_loss, false_negative_mask
 
 TAU = 0.05
 N, D = 6, 16

@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 
 from hf_reference import hf_config, hf_forward, random_encoder, random_ids, rel_err, save_hf_dir
-from mst5_jax.checkpoints import load_hf_weights
-from mst5_jax.config import EncoderConfig
-from mst5_jax.model import relative_position_bucket
+from mst5_jax.formats.huggingface import load_hf_weights
+from mst5_jax.core.config import EncoderConfig
+from mst5_jax.core.model import relative_position_bucket
 
 TINY_CONFIGS = {
     # odd head count, d_kv != d_model / heads

@@ -1,4 +1,4 @@
-"""mst5_jax.mteb_adapter against mteb's encoder protocols, with fake tasks (mteb is not installed).
+"""mst5_jax.evals.mteb_adapter against mteb's encoder protocols, with fake tasks (mteb is not installed).
 
 The fake mteb-2 task feeds a torch `DataLoader` of {"text": ...} rows, as mteb's
 `_create_dataloader_from_texts` does, and scores bitext retrieval with `model.similarity`
@@ -12,8 +12,8 @@ from torch.utils.data import DataLoader
 
 from fixtures_models import tiny_hf_model_dir  # noqa: F401
 from hf_reference import rel_err
-from mst5_jax.encode import SentenceEncoder
-from mst5_jax.mteb_adapter import MTEBEncoder
+from mst5_jax.inference.encoder import SentenceEncoder
+from mst5_jax.evals.mteb_adapter import MTEBEncoder
 
 
 @pytest.fixture(scope="module")

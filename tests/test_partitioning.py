@@ -1,4 +1,4 @@
-"""mst5_jax.partitioning on the 8 fake CPU devices that conftest sets up: mesh wildcards and
+"""mst5_jax.core.partitioning on the 8 fake CPU devices that conftest sets up: mesh wildcards and
 errors, the rule presets, a sharded computation against numpy, host-local batches, and the
 mT5-xxl FSDP memory check by abstract evaluation (nothing allocated)."""
 import math
@@ -10,7 +10,7 @@ import optax
 import pytest
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from mst5_jax.partitioning import (
+from mst5_jax.core.partitioning import (
     MeshConfig,
     abstract_mesh,
     batch_sharding,
@@ -273,8 +273,8 @@ def test_xxl_from_the_model_module_matches_the_shape_table():
     """The same check on the real model's parameter tree (abstract, via nnx.eval_shape)."""
     from flax import nnx
 
-    from mst5_jax import model
-    from mst5_jax.config import EncoderConfig
+    from mst5_jax.core import model
+    from mst5_jax.core.config import EncoderConfig
 
     state = nnx.state(model.abstract_model(EncoderConfig.preset("mt5-xxl")))
     axes = model.logical_axes(state)

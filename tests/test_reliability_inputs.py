@@ -14,7 +14,7 @@ import pytest
 
 from fixtures_models import tiny_hf_model_dir  # noqa: F401
 
-from mst5_jax.checkpoints import CheckpointError
+from mst5_jax.formats.huggingface import CheckpointError
 from tasks import sources
 
 TSV_HEADER = "sentence1\tsentence2\tgold_label\n"
@@ -147,7 +147,7 @@ def _rewrite_safetensors(model_dir, fn):
 def test_weights_of_another_size(tiny_hf_model_dir, tmp_path):
     from hf_reference import hf_config, random_encoder, save_hf_dir
 
-    from mst5_jax.encode import SentenceEncoder
+    from mst5_jax.inference.encoder import SentenceEncoder
 
     d = _copy_model(tiny_hf_model_dir, tmp_path / "m")
     other = tmp_path / "other"
@@ -161,8 +161,8 @@ def test_weights_adapter_for_another_base(tiny_hf_model_dir, tmp_path):
     import peft
     from hf_reference import hf_config, random_encoder
 
-    from mst5_jax.encode import SentenceEncoder
-    from mst5_jax.lora import LoRAError
+    from mst5_jax.inference.encoder import SentenceEncoder
+    from mst5_jax.core.lora import LoRAError
 
     other = random_encoder(hf_config(vocab_size=300, d_model=48, d_ff=64, num_heads=4, d_kv=8))
     pm = peft.get_peft_model(other, peft.LoraConfig(r=4, target_modules=["q", "v"], init_lora_weights=False))
@@ -179,7 +179,7 @@ def test_weights_other_float_dtypes_are_cast_documented(tiny_hf_model_dir, tmp_p
     import transformers
     from hf_reference import hf_forward
 
-    from mst5_jax.encode import SentenceEncoder
+    from mst5_jax.inference.encoder import SentenceEncoder
 
     d = _copy_model(tiny_hf_model_dir, tmp_path / "m")
     np_dtype = ml_dtypes.bfloat16 if dtype == "bfloat16" else np.dtype(dtype)
@@ -202,7 +202,7 @@ def test_weights_other_float_dtypes_are_cast_documented(tiny_hf_model_dir, tmp_p
 def test_weights_integer_dtype_is_an_error(tiny_hf_model_dir, tmp_path):
     # NEEDS the proposed edit to checkpoints.load_hf_weights (today int32 tensors are cast
     # to float silently: a quantized or wrong file would load as garbage).
-    from mst5_jax.encode import SentenceEncoder
+    from mst5_jax.inference.encoder import SentenceEncoder
 
     d = _copy_model(tiny_hf_model_dir, tmp_path / "m")
     _rewrite_safetensors(d, lambda t: {k: (v * 100).astype(np.int32) for k, v in t.items()})
@@ -214,7 +214,7 @@ def test_weights_integer_dtype_is_an_error(tiny_hf_model_dir, tmp_path):
 def test_weights_nan_or_inf_is_an_error(tiny_hf_model_dir, tmp_path, bad):
     # Decision: an error naming the tensor (NEEDS the proposed edit to load_hf_weights;
     # today the model loads and every embedding is NaN).
-    from mst5_jax.encode import SentenceEncoder
+    from mst5_jax.inference.encoder import SentenceEncoder
 
     d = _copy_model(tiny_hf_model_dir, tmp_path / "m")
     name = "encoder.block.1.layer.0.SelfAttention.q.weight"
@@ -232,7 +232,7 @@ def test_weights_nan_or_inf_is_an_error(tiny_hf_model_dir, tmp_path, bad):
 def test_weights_truncated_safetensors(tiny_hf_model_dir, tmp_path):
     # NEEDS the proposed edit to checkpoints.SafetensorsFile (today: numpy's "buffer is
     # smaller than requested size", naming neither the file nor the tensor).
-    from mst5_jax.encode import SentenceEncoder
+    from mst5_jax.inference.encoder import SentenceEncoder
 
     d = _copy_model(tiny_hf_model_dir, tmp_path / "m")
     raw = (d / "model.safetensors").read_bytes()
@@ -242,7 +242,7 @@ def test_weights_truncated_safetensors(tiny_hf_model_dir, tmp_path):
 
 
 def test_weights_missing_config(tiny_hf_model_dir, tmp_path):
-    from mst5_jax.encode import SentenceEncoder
+    from mst5_jax.inference.encoder import SentenceEncoder
 
     d = _copy_model(tiny_hf_model_dir, tmp_path / "m")
     (d / "config.json").unlink()
@@ -251,7 +251,7 @@ def test_weights_missing_config(tiny_hf_model_dir, tmp_path):
 
 
 def test_weights_index_names_a_missing_shard(tmp_path):
-    from mst5_jax.checkpoints import weight_files
+    from mst5_jax.formats.huggingface import weight_files
 
     (tmp_path / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {"a": "part-1.safetensors"}}))
     with pytest.raises(CheckpointError, match="shard part-1.safetensors is missing"):
@@ -315,7 +315,7 @@ def test_config_mesh_larger_than_device_count(tmp_path):
 # ============================================================================ encoding
 @pytest.fixture(scope="module")
 def encoder(tiny_hf_model_dir):
-    from mst5_jax.encode import SentenceEncoder
+    from mst5_jax.inference.encoder import SentenceEncoder
 
     return SentenceEncoder.from_pretrained(tiny_hf_model_dir)
 

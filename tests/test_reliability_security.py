@@ -17,8 +17,8 @@ import pytest
 
 from fixtures_models import tiny_hf_model_dir  # noqa: F401
 
-from mst5_jax import safety
-from mst5_jax.checkpoints import CheckpointError, weight_files
+from mst5_jax.utils import safety
+from mst5_jax.formats.huggingface import CheckpointError, weight_files
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 PACKAGES = ("mst5_jax", "tasks", "benchmarks")
@@ -82,7 +82,7 @@ class _Exploit:
 
 
 def test_malicious_pytorch_bin_is_refused_and_never_runs(tiny_hf_model_dir, tmp_path):
-    from mst5_jax.encode import SentenceEncoder
+    from mst5_jax.inference.encoder import SentenceEncoder
 
     d = tmp_path / "m"
     shutil.copytree(tiny_hf_model_dir, d)
@@ -95,7 +95,7 @@ def test_malicious_pytorch_bin_is_refused_and_never_runs(tiny_hf_model_dir, tmp_
 
 
 def test_malicious_adapter_bin_is_refused(tiny_hf_model_dir, tmp_path):
-    from mst5_jax.encode import SentenceEncoder
+    from mst5_jax.inference.encoder import SentenceEncoder
 
     a = tmp_path / "adapter"
     a.mkdir()
@@ -197,9 +197,9 @@ def test_hub_cache_link_into_another_repository_is_refused(tmp_path):
 
 # ------------------------------------------------------------------------- integrated loaders
 # NEED the proposed edits (checkpoints.weight_files, encode.from_pretrained, tokenizer,
-# lora.load_peft_adapter call mst5_jax.safety).
+# lora.load_peft_adapter call mst5_jax.utils.safety).
 def test_loader_refuses_weights_symlinked_outside(tiny_hf_model_dir, tmp_path):
-    from mst5_jax.encode import SentenceEncoder
+    from mst5_jax.inference.encoder import SentenceEncoder
 
     d = tmp_path / "m"
     shutil.copytree(tiny_hf_model_dir, d)
@@ -215,7 +215,7 @@ def test_loader_refuses_weights_symlinked_outside(tiny_hf_model_dir, tmp_path):
 def test_loader_follows_hub_cache_layout(tiny_hf_model_dir, tmp_path):
     import numpy as np
 
-    from mst5_jax.encode import SentenceEncoder
+    from mst5_jax.inference.encoder import SentenceEncoder
 
     repo = tmp_path / "hub" / "models--org--tiny"
     snap = repo / "snapshots" / "abc"
@@ -231,7 +231,7 @@ def test_loader_follows_hub_cache_layout(tiny_hf_model_dir, tmp_path):
 
 
 def test_tokenizer_refuses_symlink_outside(tiny_hf_model_dir, tmp_path):
-    from mst5_jax.tokenizer import Tokenizer
+    from mst5_jax.formats.tokenizer import Tokenizer
 
     d = tmp_path / "tok"
     d.mkdir()
@@ -242,7 +242,7 @@ def test_tokenizer_refuses_symlink_outside(tiny_hf_model_dir, tmp_path):
 
 
 def test_adapter_refuses_symlink_outside(tiny_hf_model_dir, tmp_path):
-    from mst5_jax.encode import SentenceEncoder
+    from mst5_jax.inference.encoder import SentenceEncoder
 
     a = tmp_path / "adapter"
     a.mkdir()

@@ -13,8 +13,8 @@ import torch
 
 from fixtures_models import tiny_hf_model_dir, tiny_t5_model_dir  # noqa: F401
 from hf_reference import rel_err
-from mst5_jax import st_format
-from mst5_jax.encode import SentenceEncoder
+from mst5_jax.formats import st_format
+from mst5_jax.inference.encoder import SentenceEncoder
 
 LANGS = ("deu", "jpn", "rus", "heb", "tur")
 

@@ -178,7 +178,7 @@ def test_dry_run_builds_every_size_on_its_hardware(tmp_path):
 
 @pytest.mark.slow
 def test_study_end_to_end_on_tiny_sizes(tmp_path, data_dir):
-    from mst5_jax.encode import SentenceEncoder
+    from mst5_jax.inference.encoder import SentenceEncoder
     from mst5_jax.evals import xnli_retrieval
     import jax
     from flax import nnx

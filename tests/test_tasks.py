@@ -266,7 +266,7 @@ def test_tasks_import_and_numpy_path_without_tensorflow(data_dir):
         "import sys\n"
         "for m in ('tensorflow', 'seqio', 'tensorflow_datasets', 'tensorflow_text', 'gin', 'torch', 'transformers'):\n"
         "    sys.modules[m] = None\n"
-        "import tasks, mst5_jax.tokenizer, mst5_jax.vocab, tasks.pipeline\n"
+        "import tasks, mst5_jax.formats.tokenizer, mst5_jax.formats.vocab, tasks.pipeline\n"
         "assert not tasks.SEQIO_REGISTERED\n"
         f"print(len(tasks.get_triplets('mst5_xnli_mono_fr', 'validation', {str(data_dir)!r})))\n"
         "assert not any(m in sys.modules and sys.modules[m] is not None for m in ('tensorflow', 'seqio', 'torch'))\n")

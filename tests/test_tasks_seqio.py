@@ -21,7 +21,7 @@ from tasks.triplets import LABELS, XNLI_LANGUAGES, mono_triplets, triplets_from_
 
 @pytest.fixture(scope="module")
 def env(data_dir):
-    from mst5_jax.vocab import default_vocab_path
+    from mst5_jax.formats.vocab import default_vocab_path
     with pytest.MonkeyPatch.context() as mp:
         mp.delenv("MST5_VOCAB", raising=False)
         vocab = default_vocab_path(data_dir)

@@ -1,4 +1,4 @@
-"""mst5_jax.tokenizer against CONTRACT §2's references, on Tatoeba lines in 20 scripts.
+"""mst5_jax.formats.tokenizer against CONTRACT §2's references, on Tatoeba lines in 20 scripts.
 
 References: `transformers.AutoTokenizer.from_pretrained(dir)` where tokenizer.json exists,
 `sentencepiece` + EOS (1) for spiece.model alone. The SentencePiece model is trained in
@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 import sentencepiece as spm
 
-from mst5_jax.tokenizer import Tokenizer
+from mst5_jax.formats.tokenizer import Tokenizer
 
 # One or more languages per script; the test counts the scripts it really covers.
 LANGS = ("ara hye ben cmn rus hin amh kat ell kor heb jpn khm deu vie tur mal tam tel tha "

@@ -53,7 +53,7 @@ HARDWARE_FILES = sorted(p.name for p in (REPO / "gin" / "hardware").glob("*.gin"
 
 @pytest.mark.parametrize("run_file", RUN_FILES)
 def test_every_run_config_parses_and_fits_its_hardware(run_file):
-    from mst5_jax import config_check
+    from mst5_jax.training import config_check
 
     cfg = train.parse_gin([run_file], [])
     for macro in ("model_dir", "train_steps", "batch_size", "mixture_or_task_name", "max_length", "seed",
@@ -66,7 +66,7 @@ def test_every_run_config_parses_and_fits_its_hardware(run_file):
 
 @pytest.mark.parametrize("hardware", HARDWARE_FILES)
 def test_xxl_lora_builds_on_every_hardware_file(hardware):
-    from mst5_jax import config_check
+    from mst5_jax.training import config_check
 
     cfg = train.parse_gin(["xxl_lora.gin", hardware], ["BATCH_SIZE=256"])
     report = config_check.check(cfg)
@@ -75,7 +75,7 @@ def test_xxl_lora_builds_on_every_hardware_file(hardware):
 
 
 def test_config_errors_are_clear(tmp_path):
-    from mst5_jax import config_check
+    from mst5_jax.training import config_check
 
     with pytest.raises(ValueError, match=r"BATCH_SIZE=100 is not divisible by the data axes"):
         config_check.check(train.parse_gin(["xxl_lora_tpu_pod.gin"], ["BATCH_SIZE=100"]))
@@ -125,7 +125,7 @@ def test_stop_at_2_then_continue_to_4_equals_straight_run(straight_run, tmp_path
 
 
 def _assert_same_final_params(a, b):
-    from mst5_jax.encode import SentenceEncoder
+    from mst5_jax.inference.encoder import SentenceEncoder
 
     sents = ["A man is playing a guitar.", "Un homme joue de la guitare.", "x"]
     ea = SentenceEncoder.from_pretrained(a).encode(sents)
@@ -172,7 +172,7 @@ def test_sigterm_saves_and_exits_cleanly(tmp_path):
     assert len(steps) == 1 and steps[0] >= 2, (steps, err[-3000:])
     last_logged = max(_losses(tmp_path))
     assert steps[0] == last_logged or steps[0] == last_logged + 1
-    from mst5_jax.encode import SentenceEncoder
+    from mst5_jax.inference.encoder import SentenceEncoder
 
     emb = SentenceEncoder.from_pretrained(tmp_path, step=steps[0]).encode(["hello"])
     assert emb.shape == (1, 32) and np.isfinite(emb).all()
@@ -192,8 +192,8 @@ def test_lora_only_training_lowers_the_loss(tmp_path):
 
     import jax.numpy as jnp
 
-    from mst5_jax.encode import SentenceEncoder
-    from mst5_jax.losses import contrastive_loss
+    from mst5_jax.inference.encoder import SentenceEncoder
+    from mst5_jax.core.losses import contrastive_loss
     from tasks.pipeline import TripletIterator
 
     seen = TripletIterator("mst5_xnli_mono_en", None, str(tmp_path / "tokenizer"), 16, batch, cfg.seed)
@@ -205,8 +205,8 @@ def test_lora_only_training_lowers_the_loss(tmp_path):
         return float(np.mean([contrastive_loss(jnp.asarray(a[k:k + batch]), jnp.asarray(p[k:k + batch]),
                                                jnp.asarray(n[k:k + batch]))[0] for k in range(0, len(idx), batch)]))
 
-    from mst5_jax.checkpoints import load_hf_weights
-    from mst5_jax.config import EncoderConfig
+    from mst5_jax.formats.huggingface import load_hf_weights
+    from mst5_jax.core.config import EncoderConfig
 
     trained = SentenceEncoder.from_pretrained(tmp_path)
     base_dir = tmp_path / "base"  # the frozen random-init base the run saved once
@@ -231,7 +231,7 @@ def test_eval_every_logs_heldout_metrics_and_keeps_the_best(tmp_path):
     kept = sorted(int(p.name) for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit())
     print("scores", scores, "kept", kept)
     assert 4 in kept and best & set(kept)  # the latest, and a best one by the chosen metric
-    from mst5_jax.encode import SentenceEncoder
+    from mst5_jax.inference.encoder import SentenceEncoder
 
     assert SentenceEncoder.from_pretrained(tmp_path, step="best").encode(["a"]).shape == (1, 32)
 
@@ -248,7 +248,7 @@ def test_gradcache_cached_layer_inputs_are_budgeted():
     """xxl at 1024 triplets x 64 with cached layer inputs: (24 + 1) x 196,608 tokens x 4096
     x 2 B = 37.5 GiB of block inputs and output, counted by the memory check and still
     inside one 80 GB GPU."""
-    from mst5_jax import config_check
+    from mst5_jax.training import config_check
 
     overrides = ["BATCH_SIZE=1024", "TrainConfig.microbatch_size=128"]
     plain = config_check.check(train.parse_gin(["xxl_lora.gin"], overrides))

@@ -1,4 +1,4 @@
-"""mst5_jax.train_step on the 8 fake CPU devices: the same numbers on any mesh, global
+"""mst5_jax.training.train_step on the 8 fake CPU devices: the same numbers on any mesh, global
 in-batch negatives against a numpy reference, and remat policies.
 
 The model is a tiny mT5 encoder with LoRA on every Linear and a NON-zero B (with B = 0
@@ -14,11 +14,11 @@ import optax
 import pytest
 from flax import nnx
 
-from mst5_jax import train_step as ts
-from mst5_jax.config import EncoderConfig
-from mst5_jax.lora import LoRAConfig, apply_lora, split_trainable
-from mst5_jax.model import abstract_model, path_str
-from mst5_jax.partitioning import MeshConfig, batch_sharding, logical_axis_rules, make_mesh
+from mst5_jax.training import train_step as ts
+from mst5_jax.core.config import EncoderConfig
+from mst5_jax.core.lora import LoRAConfig, apply_lora, split_trainable
+from mst5_jax.core.model import abstract_model, path_str
+from mst5_jax.core.partitioning import MeshConfig, batch_sharding, logical_axis_rules, make_mesh
 
 TOL = 1e-5
 B, L = 16, 12

@@ -2,7 +2,7 @@
 
     import mteb
     from mst5_jax import SentenceEncoder
-    from mst5_jax.mteb_adapter import MTEBEncoder
+    from mst5_jax.evals.mteb_adapter import MTEBEncoder
 
     model = MTEBEncoder(SentenceEncoder.from_pretrained(path, adapter=adapter), name="m-ST5-jax")
     tasks = mteb.get_tasks(tasks=["Tatoeba", "BUCC", "STS17"])
@@ -120,7 +120,7 @@ def run(encoder, tasks: Sequence[str], name: str = "mst5_jax", output_folder: Op
     try:
         import mteb
     except ImportError as e:
-        raise ImportError("mst5_jax.mteb_adapter.run needs mteb: pip install mteb (or the project's [eval] extra)") from e
+        raise ImportError("mst5_jax.evals.mteb_adapter.run needs mteb: pip install mteb (or the project's [eval] extra)") from e
     model = MTEBEncoder(encoder, name=name)
     task_objs = mteb.get_tasks(tasks=list(tasks))
     if hasattr(mteb, "evaluate"):

@@ -146,10 +146,10 @@ def _abstract(tree: Any) -> Any:
 def load_run_model(model_dir: str | os.PathLike, step: str | int = "latest", dtype: str = "float32",
                    param_dtype: Optional[str] = None):
     """(SentenceModel, Tokenizer) of a committed checkpoint of a run ("latest", "best" or a step)."""
-    from mst5_jax import checkpoints
-    from mst5_jax.config import EncoderConfig
-    from mst5_jax.model import abstract_model
-    from mst5_jax.tokenizer import Tokenizer
+    from mst5_jax.formats import huggingface
+    from mst5_jax.core.config import EncoderConfig
+    from mst5_jax.core.model import abstract_model
+    from mst5_jax.formats.tokenizer import Tokenizer
 
     model_dir = pathlib.Path(model_dir)
     info = read_run_info(model_dir)
@@ -169,7 +169,7 @@ def load_run_model(model_dir: str | os.PathLike, step: str | int = "latest", dty
             chosen = int(step)
             if chosen not in mngr.all_steps():
                 raise FileNotFoundError(f"{model_dir}: no checkpoint at step {chosen}; have {mngr.all_steps()}")
-        from mst5_jax import manifest
+        from mst5_jax.training import manifest
 
         if step == "latest" and chosen is not None:
             chosen = manifest.newest_verified_step(mngr.directory, mngr.all_steps(), require_manifest=False)
@@ -181,12 +181,12 @@ def load_run_model(model_dir: str | os.PathLike, step: str | int = "latest", dty
         if info["mode"] == "lora":
             base = info["base"]
             base_dir = model_dir / base["path"] if base.get("random_init") else pathlib.Path(base["path"])
-            base_dir = checkpoints.resolve_model_dir(base_dir)
+            base_dir = huggingface.resolve_model_dir(base_dir)
             if base.get("fingerprint") and fingerprint(base_dir) != base["fingerprint"]:
                 raise ValueError(f"{base_dir}: the base weights changed since the run started "
                                  f"(fingerprint mismatch with {model_dir / RUN_FILE})")
-            model = checkpoints.load_hf_weights(base_dir, cfg)
-            from mst5_jax import lora
+            model = huggingface.load_hf_weights(base_dir, cfg)
+            from mst5_jax.core import lora
 
             lora.apply_lora(model, lora.LoRAConfig(**info["lora"]), 0)
             trainable_filter = lora.trainable_filter("lora")

@@ -1,6 +1,6 @@
 """GradCache with cached layer inputs: the large-batch gradient for the FLOPs of full remat.
 
-Plain GradCache (`mst5_jax.train_step.loss_and_grads`) embeds every micro-batch twice: once
+Plain GradCache (`mst5_jax.training.train_step.loss_and_grads`) embeds every micro-batch twice: once
 without gradients, for the loss, and once more under `jax.vjp`, to pull the embedding
 gradients back. With the per-layer recompute of the backward that is about 2 + 2 + 1.6 + 2
 = 7.6·N FLOPs per token, against 5.6·N for one full-remat step on the whole batch (`wo`'s

@@ -33,7 +33,7 @@ the forward pass is one `jax.lax.scan`, so xxl compiles one block, not 24. Param
     encoder/final_norm/scale                [d_model]                  (embed,)
     projection/kernel                       [d_model, projection_dim]  (embed, projection)  optional
 
-LoRA (`mst5_jax.lora`) adds `lora_a` [.., in, r] and `lora_b` [.., r, out] next to a
+LoRA (`mst5_jax.core.lora`) adds `lora_a` [.., in, r] and `lora_b` [.., r, out] next to a
 `kernel`; `Linear` applies them when present. Kernels are stored [in, out], the
 transpose of torch's `nn.Linear.weight`.
 """
@@ -48,7 +48,7 @@ import numpy as np
 from flax import nnx
 from jax.ad_checkpoint import checkpoint_name
 
-from mst5_jax.config import EncoderConfig
+from mst5_jax.core.config import EncoderConfig
 
 Array = jax.Array
 
@@ -105,7 +105,7 @@ class RMSNorm(nnx.Module):
 class Linear(nnx.Module):
     """Bias-free dense layer, kernel [in, out], with optional LoRA factors.
 
-    When `lora_a` [in, r] and `lora_b` [r, out] are present (set by `mst5_jax.lora`),
+    When `lora_a` [in, r] and `lora_b` [r, out] are present (set by `mst5_jax.core.lora`),
     y = x W + (dropout(x) A B) * lora_scale, as peft computes it: dropout acts only on the
     input of A. The LoRA path runs in the compute dtype.
     """
@@ -115,7 +115,7 @@ class Linear(nnx.Module):
         self.axes = axes
         init = jax.random.normal(rngs.params(), (d_in, d_out), jnp.float32) * std
         self.kernel = nnx.Param(init.astype(_dtype(cfg.param_dtype)), logical_axes=axes)
-        # Declared as data (not static) so `mst5_jax.lora` can attach variables later.
+        # Declared as data (not static) so `mst5_jax.core.lora` can attach variables later.
         self.lora_a: Optional[LoRAParam] = nnx.data(None)
         self.lora_b: Optional[LoRAParam] = nnx.data(None)
         self.lora_scale: Optional[LoRAScale] = nnx.data(None)
@@ -283,7 +283,7 @@ class Encoder(nnx.Module):
         return self.finish(self.run_layers(x, bias, layer_keys), k_final)
 
     # The three stages of `__call__`, public so that GradCache's cached-layer-inputs mode
-    # (`mst5_jax.gradcache`) can keep the layer inputs and run the backward layer by layer.
+    # (`mst5_jax.core.gradcache`) can keep the layer inputs and run the backward layer by layer.
     def prepare(self, input_ids: Array, attention_mask: Optional[Array], dropout_key: Optional[Array]
                 ) -> tuple[Array, Array, Optional[Array], Optional[Array]]:
         """Token embeddings x [B, L, d_model], the attention bias [B, H, L, L] fp32, the

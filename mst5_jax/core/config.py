@@ -44,7 +44,7 @@ class EncoderConfig:
       dtype: compute dtype ("float32" or "bfloat16").
       param_dtype: storage dtype of the (frozen) weights.
       scan_layers: always True in this project; kept explicit because parameter paths
-        depend on it (see `mst5_jax.model`).
+        depend on it (see `mst5_jax.core.model`).
       remat: "none", "full", "dots" (save matmul outputs) or "residual" (save only the
         per-layer residual stream).
       pooling: sentence pooling over the last hidden state ("mean" includes EOS).

@@ -10,7 +10,7 @@ and optimizer state exist for LoRA alone (or for every `nnx.Param` in full fine-
     graphdef, trainable, frozen = split_trainable(model, "lora")
     grads = jax.grad(lambda t: loss(nnx.merge(graphdef, t, frozen)))(trainable)
 
-Paths. Layers are scanned (`mst5_jax.model`), so each targeted `Linear` holds one stacked
+Paths. Layers are scanned (`mst5_jax.core.model`), so each targeted `Linear` holds one stacked
 kernel [L, in, out] and gets, beside it:
 
     encoder/layers/attention/{q,k,v,o}/lora_a      [L, in, r]   (layers, <kernel in axis>, lora_rank)
@@ -65,10 +65,10 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from mst5_jax.checkpoints import CheckpointError, SafetensorsFile, hf_names, write_safetensors
-from mst5_jax.config import EncoderConfig
-from mst5_jax.optional_gin import gin_or_none
-from mst5_jax.model import LoRAParam, LoRAScale, SentenceModel, abstract_model, count_params, path_str
+from mst5_jax.formats.huggingface import CheckpointError, SafetensorsFile, hf_names, write_safetensors
+from mst5_jax.core.config import EncoderConfig
+from mst5_jax.utils.optional_gin import gin_or_none
+from mst5_jax.core.model import LoRAParam, LoRAScale, SentenceModel, abstract_model, count_params, path_str
 
 log = logging.getLogger(__name__)
 
@@ -138,7 +138,7 @@ class LoRAConfig:
 
 _gin = gin_or_none()  # gin is an extra: the core imports without it.
 if _gin is not None:
-    _gin.external_configurable(LoRAConfig, module="mst5_jax.lora")
+    _gin.external_configurable(LoRAConfig, module="mst5_jax.core.lora")
 
 
 # ---------------------------------------------------------------------- matching
@@ -559,7 +559,7 @@ def load_peft_adapter(model: SentenceModel, adapter_dir: str | os.PathLike) -> S
     missing tensor by name.
     """
     adapter_dir = pathlib.Path(adapter_dir)
-    from mst5_jax import safety
+    from mst5_jax.utils import safety
 
     safety.check_tree(adapter_dir)  # symlinks only inside adapter_dir or its hub cache repo
     cfg_path = adapter_dir / ADAPTER_CONFIG

@@ -133,7 +133,7 @@ class Tokenizer:
 
     @classmethod
     def _from_directory(cls, d: pathlib.Path) -> "Tokenizer":
-        from mst5_jax import safety
+        from mst5_jax.utils import safety
 
         for name in (_TOKENIZER_JSON, _SPIECE, *_SIDE_FILES):
             if (d / name).is_file():

@@ -2,7 +2,7 @@
 
     batch {"anchor", "positive"[, "negative"]: int32 [B, L], "group_id": int32 [B]}
       -> embeddings of the whole global batch [B, C, D] (C = 2 or 3 columns)
-      -> contrastive loss over every embedding of the step (`mst5_jax.losses`)
+      -> contrastive loss over every embedding of the step (`mst5_jax.core.losses`)
       -> gradients of the trainable partition only -> optax update
 
 The state is split in two. `TrainState` holds what changes: the step, the trainable
@@ -23,7 +23,7 @@ Batch Size under Memory Limited Setup"). The exact large-batch gradient in bound
      and pull the cached embedding gradients back to the parameters, summing (`lax.scan`).
 Only one micro-batch of activations is alive at a time. Plain gradient accumulation would
 instead shrink the pool of negatives to one micro-batch. The passes live in
-`mst5_jax.gradcache`, with the variant that keeps the block inputs of step 1.
+`mst5_jax.core.gradcache`, with the variant that keeps the block inputs of step 1.
 
 Micro-batch layout. Micro-batch m (of k = B / microbatch_size) holds the triplets
 m, m + k, m + 2k, ... (strided), so that with the batch split in contiguous blocks over
@@ -53,11 +53,11 @@ import optax
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
-from mst5_jax import gradcache
-from mst5_jax.lora import split_trainable
-from mst5_jax.losses import contrastive_loss
-from mst5_jax.model import SentenceModel, logical_axes
-from mst5_jax.partitioning import (
+from mst5_jax.core import gradcache
+from mst5_jax.core.lora import split_trainable
+from mst5_jax.core.losses import contrastive_loss
+from mst5_jax.core.model import SentenceModel, logical_axes
+from mst5_jax.core.partitioning import (
     BATCH_MESH_AXES,
     AnyMesh,
     Rules,
@@ -72,7 +72,7 @@ Batch = Mapping[str, jax.Array]
 
 @dataclasses.dataclass(frozen=True)
 class LossConfig:
-    """Options of `mst5_jax.losses.contrastive_loss`, as the step applies them.
+    """Options of `mst5_jax.core.losses.contrastive_loss`, as the step applies them.
 
     Attributes:
       temperature: tau; logits are cosine / tau.
@@ -117,7 +117,7 @@ class StepShardings(NamedTuple):
 # ---------------------------------------------------------------------- placement
 def state_shardings(state: nnx.State, mesh: AnyMesh, rules: Rules) -> nnx.State:
     """`NamedSharding` per leaf of a model state (trainable or frozen), from the model's
-    logical axes (`mst5_jax.model.logical_axes`) and the rule set. Works on abstract
+    logical axes (`mst5_jax.core.model.logical_axes`) and the rule set. Works on abstract
     states (`nnx.state(abstract_model(cfg))`) too."""
     axes = logical_axes(state)
 
@@ -143,7 +143,7 @@ def train_state_shardings(params: nnx.State, optimizer: optax.GradientTransforma
 def init_train_state(model: SentenceModel, optimizer: optax.GradientTransformation, mesh: AnyMesh, rules: Rules,
                      *, mode: str = "lora", seed: int = 0, frozen_dtype: Optional[str] = None
                      ) -> tuple[nnx.GraphDef, TrainState, nnx.State, StepShardings]:
-    """Splits `model` into trainable / frozen (`mst5_jax.lora.split_trainable`) and places both.
+    """Splits `model` into trainable / frozen (`mst5_jax.core.lora.split_trainable`) and places both.
 
     Trainable parameters are cast to float32; frozen `nnx.Param`s to `frozen_dtype` when
     given (e.g. "bfloat16" for a LoRA run's base). Returns (graphdef, state, frozen,
@@ -235,7 +235,7 @@ def loss_and_grads(graphdef: nnx.GraphDef, params: nnx.State, frozen: nnx.State,
       param_shardings: when given, the GradCache gradient accumulator is kept sharded
         like the parameters (FSDP).
       cache_layer_inputs: GradCache keeps every block's input from its first pass and
-        rebuilds one block at a time in the backward (`mst5_jax.gradcache`): the FLOPs of
+        rebuilds one block at a time in the backward (`mst5_jax.core.gradcache`): the FLOPs of
         one full-remat step instead of an extra forward, for num_layers x tokens x d_model
         of memory.
     """

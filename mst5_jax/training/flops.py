@@ -15,9 +15,11 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
-from mst5_jax import lora, partitioning, train_step
-from mst5_jax.config import EncoderConfig
-from mst5_jax.model import init_model
+from mst5_jax.core import lora
+from mst5_jax.core import partitioning
+from mst5_jax.training import train_step
+from mst5_jax.core.config import EncoderConfig
+from mst5_jax.core.model import init_model
 
 _JAXPRS = (jax.extend.core.Jaxpr, jax.extend.core.ClosedJaxpr)
 

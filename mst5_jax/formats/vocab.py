@@ -20,11 +20,12 @@ import pathlib
 import tempfile
 from typing import Iterator, Optional
 
+from mst5_jax.utils import paths
+
 log = logging.getLogger(__name__)
 
 ENV_VAR = "MST5_VOCAB"
-REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
-DEFAULT_CACHE_ROOT = REPO_ROOT / ".cache" / "vocab"
+DEFAULT_CACHE_ROOT = paths.CACHE_DIR / "vocab"
 # Small and quick: the CPU demo trains on it. 8000 pieces cover the 15 XNLI scripts.
 VOCAB_SIZE = 8000
 INPUT_SENTENCE_SIZE = 50_000  # of ~100k distinct sentences: ~15 s on 2 busy cores

@@ -14,9 +14,9 @@ import jax
 import numpy as np
 from flax import nnx
 
-from mst5_jax import partitioning
-from mst5_jax.config import EncoderConfig
-from mst5_jax.model import abstract_model
+from mst5_jax.core import partitioning
+from mst5_jax.core.config import EncoderConfig
+from mst5_jax.core.model import abstract_model
 
 GIB = 2**30
 
@@ -53,7 +53,7 @@ def activation_bytes(enc: EncoderConfig, triplets_per_device: int, length: int, 
 def cached_layer_input_bytes(enc: EncoderConfig, triplets_per_device: int, length: int) -> int:
     """What GradCache with cached layer inputs keeps for the whole step: every block's
     input and the last block's output, (num_layers + 1) x tokens x d_model in the compute
-    dtype (`mst5_jax.gradcache`)."""
+    dtype (`mst5_jax.core.gradcache`)."""
     return (enc.num_layers + 1) * 3 * triplets_per_device * length * enc.d_model * _itemsize(enc)
 
 
@@ -63,7 +63,7 @@ def _itemsize(enc: EncoderConfig) -> int:
 
 def check(cfg) -> dict[str, Any]:
     """Per-device bytes of the run on its own hardware; raises if it does not fit or divide."""
-    from mst5_jax import lora
+    from mst5_jax.core import lora
     from mst5_jax.train import make_optimizer
 
     num_devices = cfg.num_devices or 1
@@ -86,7 +86,7 @@ def check(cfg) -> dict[str, Any]:
         return m
 
     model = nnx.eval_shape(build) if mode == "lora" else abstract_model(enc)
-    from mst5_jax.train_step import state_shardings
+    from mst5_jax.training.train_step import state_shardings
 
     graphdef, trainable, frozen = lora.split_trainable(model, mode)
     trainable = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, np.float32), trainable)

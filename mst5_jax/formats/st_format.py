@@ -35,9 +35,9 @@ import jax
 import numpy as np
 from flax import nnx
 
-from mst5_jax import checkpoints
-from mst5_jax.config import EncoderConfig
-from mst5_jax.model import Linear, SentenceModel
+from mst5_jax.formats import huggingface
+from mst5_jax.core.config import EncoderConfig
+from mst5_jax.core.model import Linear, SentenceModel
 
 log = logging.getLogger(__name__)
 
@@ -55,7 +55,7 @@ _LEGACY_POOLING_KEYS = {
 }
 
 
-class STFormatError(checkpoints.CheckpointError):
+class STFormatError(huggingface.CheckpointError):
     """A sentence-transformers directory this project cannot represent exactly."""
 
 
@@ -159,7 +159,7 @@ def load(model_dir: str | os.PathLike, dtype: str = "float32", param_dtype: Opti
       The model (pooling, projection and normalisation as the modules say) and the
       tokenizer of the Transformer module's directory.
     """
-    from mst5_jax.tokenizer import Tokenizer
+    from mst5_jax.formats.tokenizer import Tokenizer
 
     model_dir = pathlib.Path(model_dir)
     desc = read_modules(model_dir)
@@ -168,7 +168,7 @@ def load(model_dir: str | os.PathLike, dtype: str = "float32", param_dtype: Opti
     st_fields.update({k: overrides.pop(k) for k in list(overrides) if k in st_fields})
     cfg = EncoderConfig.from_hf_json(tdir / "config.json", dtype=dtype, param_dtype=param_dtype or dtype,
                                      **st_fields, **overrides)
-    model = checkpoints.load_hf_weights(tdir, cfg)
+    model = huggingface.load_hf_weights(tdir, cfg)
     if desc["dense"] is not None:
         dense = desc["dense"]
         if dense["in"] != cfg.d_model:
@@ -183,7 +183,7 @@ def load(model_dir: str | os.PathLike, dtype: str = "float32", param_dtype: Opti
 
 def _read_dense_weight(dense_dir: pathlib.Path, dense: dict) -> np.ndarray:
     """`linear.weight` [out, in] from 2_Dense/model.safetensors or pytorch_model.bin."""
-    source = checkpoints.TensorSource(dense_dir)
+    source = huggingface.TensorSource(dense_dir)
     try:
         if DENSE_WEIGHT not in source:
             raise STFormatError(f"{dense_dir}: no tensor {DENSE_WEIGHT} (found {source.keys()})")
@@ -230,7 +230,7 @@ def save(encoder, out_dir: str | os.PathLike, *, merge_lora: bool = True, max_se
         if not merge_lora:
             raise ValueError("the sentence-transformers format stores merged weights; pass merge_lora=True, or save "
                              "format='hf' with merge_lora=False to keep the adapter separate")
-        from mst5_jax import lora
+        from mst5_jax.core import lora
 
         # Keep the original kernels (immutable arrays, so no copy): float32 unmerge subtracts
         # the delta again, which is not bit-exact, and the encoder must be left unchanged.
@@ -253,7 +253,7 @@ def _write(encoder, out: pathlib.Path, max_seq_length: int, dtype: Optional[str]
     hf = cfg.replace(projection_dim=None, normalize=False).to_hf_dict()
     hf["torch_dtype"] = dtype or cfg.param_dtype
     (out / "config.json").write_text(json.dumps(hf, indent=2) + "\n")
-    checkpoints.write_safetensors(out / checkpoints.SAFETENSORS, checkpoints.hf_state_dict(model, dtype),
+    huggingface.write_safetensors(out / huggingface.SAFETENSORS, huggingface.hf_state_dict(model, dtype),
                                   metadata={"format": "pt"})
     encoder.tokenizer.save(out)
     _write_json(out / ST_CONFIG, {"max_seq_length": int(max_seq_length), "do_lower_case": False})
@@ -277,7 +277,7 @@ def _write(encoder, out: pathlib.Path, max_seq_length: int, dtype: Optional[str]
             import ml_dtypes
 
             weight = weight.astype(ml_dtypes.bfloat16)
-        checkpoints.write_safetensors(dense_dir / checkpoints.SAFETENSORS, iter([(DENSE_WEIGHT, weight)]),
+        huggingface.write_safetensors(dense_dir / huggingface.SAFETENSORS, iter([(DENSE_WEIGHT, weight)]),
                                       metadata={"format": "pt"})
         modules.append({"idx": 2, "name": "2", "path": "2_Dense", "type": "sentence_transformers.models.Dense"})
     if cfg.normalize:

@@ -44,8 +44,8 @@ import ml_dtypes
 import numpy as np
 from flax import nnx
 
-from mst5_jax.config import EncoderConfig
-from mst5_jax.model import SentenceModel, abstract_model, path_str
+from mst5_jax.core.config import EncoderConfig
+from mst5_jax.core.model import SentenceModel, abstract_model, path_str
 
 log = logging.getLogger(__name__)
 
@@ -92,8 +92,8 @@ def weight_files(model_dir: pathlib.Path) -> tuple[str, list[pathlib.Path]]:
     """("safetensors" | "bin", files) for a directory, preferring safetensors.
 
     Every file must resolve inside `model_dir` or its hub cache repository (symlink policy,
-    `mst5_jax.safety`)."""
-    from mst5_jax import safety
+    `mst5_jax.utils.safety`)."""
+    from mst5_jax.utils import safety
 
     kind, files = _weight_files(model_dir)
     for f in files:
