@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import csv
 import datetime
-import hashlib
 import importlib.metadata
 import os
 import pathlib
@@ -22,9 +21,10 @@ import platform
 import sys
 from typing import Iterable, Optional
 
+from mst5_jax.utils.files import read_lines, sha256_file  # noqa: F401  (re-exported for the evaluators)
+
 PathLike = str | os.PathLike
 
-_BOM = "\ufeff"
 
 
 def resolve_dataset_dir(data_dir: PathLike, subdir: str, marker: str) -> pathlib.Path:
@@ -55,21 +55,6 @@ def require_file(path: pathlib.Path, what: str) -> pathlib.Path:
     if not path.is_file():
         raise FileNotFoundError(f"{what}: missing file {path}")
     return path
-
-
-def read_lines(path: PathLike) -> list[str]:
-    """Lines of a UTF-8 text file without their ``\\n`` / ``\\r\\n`` ending and without a BOM.
-
-    A final line with no newline is kept; the empty string after a final newline is not.
-    """
-    with open(path, encoding="utf-8", newline="") as f:
-        text = f.read()
-    if text.startswith(_BOM):
-        text = text[1:]
-    lines = text.split("\n")
-    if lines and lines[-1] == "":
-        lines.pop()
-    return [ln[:-1] if ln.endswith("\r") else ln for ln in lines]
 
 
 def read_tab_fields(path: PathLike, num_fields: int | None = None, skip_header: bool = False) -> list[list[str]]:
@@ -113,14 +98,6 @@ def parse_float(text: str, path: PathLike, lineno: int) -> float:
         return float(text)
     except ValueError:
         raise ValueError(f"{path}:{lineno}: expected a number, got {text!r}") from None
-
-
-def sha256_file(path: PathLike) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def package_versions() -> dict[str, Optional[str]]:
