@@ -1,4 +1,4 @@
-"""Run MTEB tasks on a `SentenceEncoder` (the `[eval]` extra; mteb itself is not a dependency).
+"""Run MTEB tasks on a `SentenceEncoder` (mteb comes with the `[mteb]` and `[test]` extras).
 
     import mteb
     from mst5_jax import SentenceEncoder
@@ -14,8 +14,10 @@
   prompt_type=None, **kw) -> ndarray`, where every batch is a dict whose "text" entry is
   a list of strings;
 plus `similarity(a, b)` (cosine matrix) and `similarity_pairwise(a, b)` (row-wise cosine),
-which mteb 2 calls for scoring. m-ST5 uses no prompts, so `prompt_type` (query/passage) is
-accepted and ignored. Embeddings are float32, not normalised (mteb normalises where its
+which mteb 2 calls for scoring; they are the cosines `mst5_jax.evals` scores with, so
+mteb's bitext top-1 and its STS `spearman` see exactly our numbers (its STS
+`cosine_spearman` uses sklearn's own cosine). m-ST5 uses no prompts, so `prompt_type`
+(query/passage) is accepted and ignored. Embeddings are float32, not normalised (mteb normalises where its
 metric needs it), so scores equal the ones `SentenceTransformer` would get from the same
 weights.
 
@@ -28,6 +30,8 @@ import logging
 from typing import Any, Iterable, Optional, Sequence
 
 import numpy as np
+
+from mst5_jax.evals.mining import cosine_matrix, l2_normalize, paired_cosine
 
 log = logging.getLogger(__name__)
 
@@ -68,7 +72,11 @@ class MTEBEncoder:
 
     @property
     def mteb_model_meta(self):
-        """mteb's `ModelMeta` when mteb is installed (it records the name in results)."""
+        """mteb's `ModelMeta` carrying `name` and `revision` (None when mteb is absent).
+
+        mteb 2 falls back to an anonymous "no_model_name/available" entry for a model
+        without one, so its results would not say which model produced them.
+        """
         try:
             from mteb.models import ModelMeta
         except ImportError:  # mteb 1.x keeps it elsewhere, or mteb is absent
@@ -76,9 +84,11 @@ class MTEBEncoder:
                 from mteb.model_meta import ModelMeta
             except ImportError:
                 return None
+        if hasattr(ModelMeta, "create_empty"):  # mteb >= 2: every other field stays unknown (None)
+            return ModelMeta.create_empty(overwrites={"name": self.name, "revision": self.revision})
         try:
             return ModelMeta(name=self.name, revision=self.revision, release_date=None, languages=None)
-        except Exception as e:  # the required fields differ between mteb versions
+        except Exception as e:  # the required fields differ between mteb 1.x versions
             log.debug("ModelMeta(%s) not built: %s", self.name, e)
             return None
 
@@ -97,18 +107,13 @@ class MTEBEncoder:
 
     @staticmethod
     def similarity(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-        """Cosine matrix [len(a), len(b)] (float32 dot of L2-normalised float32 rows)."""
-        return _unit_rows(a) @ _unit_rows(b).T
+        """Cosine matrix [len(a), len(b)], float32: `mining.cosine_matrix`, as every evaluator here scores."""
+        return cosine_matrix(l2_normalize(a), l2_normalize(b))
 
     @staticmethod
     def similarity_pairwise(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-        """Row-wise cosine [n] of a [n, d] and b [n, d]."""
-        return np.einsum("ij,ij->i", _unit_rows(a), _unit_rows(b))
-
-
-def _unit_rows(x: np.ndarray) -> np.ndarray:
-    x = np.asarray(x, np.float32)
-    return x / np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), np.float32(1e-12))
+        """Row-wise cosine [n], float32, of a [n, d] and b [n, d]: `mining.paired_cosine`."""
+        return paired_cosine(np.asarray(a), np.asarray(b))
 
 
 def run(encoder, tasks: Sequence[str], name: str = "mst5_jax", output_folder: Optional[str] = None, **kwargs):
