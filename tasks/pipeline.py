@@ -46,8 +46,8 @@ def tokenize_triplets(triplets: list[Triplet], tokenizer, max_length: int) -> di
     for field in FEATURES:
         texts = [getattr(t, field) for t in triplets]
         unique = list(dict.fromkeys(texts))  # premises repeat: tokenize each text once
-        ids = tokenizer.encode_batch(unique, max_length=max_length)
-        truncated += tokenizer.num_truncated
+        ids, cut = tokenizer.encode_batch_counted(unique, max_length=max_length)
+        truncated += cut
         table = dict(zip(unique, ids))
         out[field] = [table[t] for t in texts]
     if truncated:

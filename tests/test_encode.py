@@ -4,7 +4,7 @@ import pytest
 
 from fixtures_models import tiny_hf_model_dir  # noqa: F401
 from hf_reference import rel_err
-from mst5_jax.inference.encoder import SentenceEncoder, bucket_lengths
+from mst5_jax.inference.encoder import TOKENS_PER_SENTENCE, SentenceEncoder, batch_rows, bucket_lengths
 
 SENTENCES = ["A man is playing a guitar.", "Un homme joue de la guitare.", "", "   ",
              "رجل يعزف على الجيتار", "x" * 3, "Ein Mann spielt Gitarre. " * 20]
@@ -63,12 +63,36 @@ def test_compiles_once_per_bucket_shape(tiny_hf_model_dir):
     assert emb.shape == (200, 32)
     shapes = enc.compiled_shapes
     print("compiled shapes:", shapes)
-    assert len(shapes) == len(set(shapes)) <= len(bucket_lengths(512))
-    assert all(b == 16 for b, _ in shapes)
+    budget = 16 * TOKENS_PER_SENTENCE  # encode's default token budget for batch_size=16
+    allowed = set(enc.batch_shapes(512, budget))
+    assert len(shapes) == len(set(shapes)) and set(shapes) <= allowed
+    assert all(rows * length <= budget for rows, length in allowed)
+    assert batch_rows(16, budget) == 8 * batch_rows(128, budget) == 8 * 16  # short buckets take more
+    # Stats: padding counted independently from the token lengths and the shapes run.
+    stats = enc.last_stats
+    real = sum(len(x) for x in enc.tokenize(sentences, 512))
+    assert stats.sentences == 200 and stats.real_tokens == real and stats.truncated == 106
+    assert stats.padded_tokens >= real and stats.padding_fraction == pytest.approx(1 - real / stats.padded_tokens)
     enc.encode(sentences[:37], batch_size=16, max_length=512)  # a partial batch: padded, no new shapes
-    assert set(enc.compiled_shapes) <= set(shapes) | {(16, L) for L in bucket_lengths(512)}
+    assert set(enc.compiled_shapes) <= allowed
     # Input order is kept although batches are sorted by length.
     np.testing.assert_array_equal(enc.encode(sentences[5:9], batch_size=16), emb[5:9])
+
+
+def test_threads_share_one_encoder(tiny_hf_model_dir):
+    """Concurrent calls (as a server makes) give the rows a single call gives."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    enc = SentenceEncoder.from_pretrained(tiny_hf_model_dir)
+    rng = np.random.default_rng(1)
+    words = ["alpha", "beta", "gamma", "delta", "x"]
+    sentences = [" ".join(rng.choice(words, size=int(n))) for n in rng.integers(1, 40, size=64)]
+    ref = _hf_embed(tiny_hf_model_dir, sentences, max_length=16)
+    chunks = [sentences[i::8] for i in range(8)]
+    with ThreadPoolExecutor(8) as pool:
+        parts = list(pool.map(lambda c: enc.encode(c, max_length=16, batch_size=4), chunks * 3))
+    for k, part in enumerate(parts):
+        assert rel_err(part, ref[k % 8::8]) <= 1e-4
 
 
 def test_bad_input(tiny_hf_model_dir, tmp_path):

@@ -105,7 +105,8 @@ def test_spiece_only_equals_sentencepiece_plus_eos(spiece_dir, sp, corpus):
     L = 8
     ref = [(sp.encode(s)[: L - 1] + [1]) for s in test]
     assert tok.encode_batch(test, max_length=L) == ref
-    assert tok.num_truncated == sum(len(sp.encode(s)) + 1 > L for s in test) > 0
+    ids, cut = tok.encode_batch_counted(test, max_length=L)
+    assert ids == ref and cut == sum(len(sp.encode(s)) + 1 > L for s in test) > 0
     # A .model file path loads the same way.
     assert Tokenizer.from_pretrained(spiece_dir / "spiece.model").encode_batch(test[:20]) == \
         [sp.encode(s) + [1] for s in test[:20]]
@@ -130,7 +131,8 @@ def test_tokenizer_json_equals_autotokenizer(hf_dir, sp, corpus):
     L = 8
     assert tok.encode_batch(test, max_length=L) == \
         [ref(s, truncation=True, max_length=L)["input_ids"] for s in test]
-    assert tok.num_truncated == sum(len(x) > L for x in ours) > 0
+    ids, cut = tok.encode_batch_counted(test, max_length=L)
+    assert ids == tok.encode_batch(test, max_length=L) and cut == sum(len(x) > L for x in ours) > 0
     # The two CONTRACT references side by side; they agree on (almost) all real text.
     bad = _disagreements("tokenizer.json (AutoTokenizer) vs spiece.model (sentencepiece+EOS)", test, ours,
                          [sp.encode(s) + [1] for s in test])

@@ -17,8 +17,10 @@ Two backends, chosen by what the tokenizer directory holds:
 
 Every sequence ends with EOS. With ``max_length`` set, longer input keeps its first
 ``max_length - 1`` pieces and then EOS (HF's ``truncation=True`` behaviour, and seqio's
-``append_eos_after_trim``); ``num_truncated`` counts the sequences cut by the last call so
-callers can warn.
+``append_eos_after_trim``); `Tokenizer.encode_batch_counted` also returns how many
+sequences were cut, so callers can warn. A `Tokenizer` is safe to share between threads: it
+keeps no per-call state, and the one stateful backend call (the `tokenizers` truncation
+setting) runs under a lock.
 """
 from __future__ import annotations
 
@@ -27,6 +29,7 @@ import logging
 import os
 import pathlib
 import shutil
+import threading
 from typing import Optional, Sequence
 
 import numpy as np
@@ -100,7 +103,8 @@ class Tokenizer:
             self._sp.LoadFromSerializedProto(sp_model_proto)
         self._files = dict(files or {})
         self.source = source
-        self.num_truncated = 0
+        # `enable_truncation` mutates the shared Rust tokenizer: one caller at a time.
+        self._hf_lock = threading.Lock()
 
     # ------------------------------------------------------------------ loading
     @classmethod
@@ -167,13 +171,19 @@ class Tokenizer:
 
     # ------------------------------------------------------------------ encoding
     def encode_batch(self, texts: Sequence[str], max_length: Optional[int] = None) -> list[list[int]]:
-        """Token ids of each text, EOS appended; `num_truncated` counts the cut ones.
+        """Token ids of each text, EOS appended (see `encode_batch_counted`)."""
+        return self.encode_batch_counted(texts, max_length)[0]
+
+    def encode_batch_counted(self, texts: Sequence[str],
+                             max_length: Optional[int] = None) -> tuple[list[list[int]], int]:
+        """Token ids of each text, EOS appended, and the number of texts truncated.
 
         Args:
           texts: strings, used exactly as given.
           max_length: tokens per text including EOS, or None for no limit.
         Returns:
-          One list of ints per text, each ending with EOS (1), at most `max_length` long.
+          (ids, num_truncated): one list of ints per text, each ending with EOS (1), at most
+          `max_length` long; and how many texts were longer than `max_length`.
         """
         if isinstance(texts, str):
             raise TypeError("encode_batch takes a list of strings, not a single string")
@@ -181,26 +191,24 @@ class Tokenizer:
             raise ValueError(f"max_length must be >= 1 (room for EOS), got {max_length}")
         texts = list(texts)
         if not texts:
-            self.num_truncated = 0
-            return []
+            return [], 0
         if self._hf is not None:
             # The tokenizers library's own truncation is what HF `truncation=True` runs: it
             # keeps room for the post-processor's special tokens (EOS).
-            if max_length is None:
-                self._hf.no_truncation()
-            else:
-                self._hf.enable_truncation(max_length=max_length)
-            try:
-                encs = self._hf.encode_batch(texts, add_special_tokens=True)
-            finally:
-                self._hf.no_truncation()
-            self.num_truncated = sum(bool(e.overflowing) for e in encs)
-            return [e.ids for e in encs]
+            with self._hf_lock:
+                if max_length is None:
+                    self._hf.no_truncation()
+                else:
+                    self._hf.enable_truncation(max_length=max_length)
+                try:
+                    encs = self._hf.encode_batch(texts, add_special_tokens=True)
+                finally:
+                    self._hf.no_truncation()
+            return [e.ids for e in encs], sum(bool(e.overflowing) for e in encs)
         out = [list(p) + [EOS_ID] for p in self._sp.encode(texts)]
         cut = [ids if max_length is None or len(ids) <= max_length else ids[: max_length - 1] + [EOS_ID]
                for ids in out]
-        self.num_truncated = sum(len(a) != len(b) for a, b in zip(out, cut))
-        return cut
+        return cut, sum(len(a) != len(b) for a, b in zip(out, cut))
 
     def pad(self, ids: Sequence[Sequence[int]], length: int) -> np.ndarray:
         """Right-pads with `pad_id` to int32 [B, length]; a longer row is an error."""

@@ -3,18 +3,26 @@
     enc = SentenceEncoder.from_pretrained("google/mt5-xxl", adapter="pkshatech/m-ST5")
     emb = enc.encode(["Hello", "Bonjour"])          # float32 [2, 4096]
 
-Encoding sorts sentences by token length and runs them in a fixed set of bucket shapes
-(batch_size x {16, 32, 64, ..., max_length}); each shape is compiled once and reused, the
-last partial batch is padded rather than recompiled, and results come back in input order.
+Encoding sorts sentences by token length and runs them in a fixed set of bucket shapes.
+The bucket lengths are {16, 32, 64, ..., max_length}; a bucket's batch holds
+`max_batch_tokens // length` rows (a multiple of the device count), so short buckets take
+more sentences, and a partial batch is padded to the next of a few halvings of that row count
+(`row_options`). Each shape is compiled once (under a lock, so threads may share an
+encoder) and reused. Batches are dispatched asynchronously: the device computes batch i+1
+while the host copies out batch i. Results come back in input order; `EncodeStats` reports
+sentences/s and the padding fraction.
 
 CLI: `python -m mst5_jax.encode --model PATH [--adapter DIR] --input FILE --output FILE.npy`.
 """
 from __future__ import annotations
 
+import collections
+import dataclasses
 import logging
 import os
 import pathlib
-import shutil
+import threading
+import time
 from typing import Any, Callable, Optional, Sequence
 
 import jax
@@ -29,6 +37,8 @@ from mst5_jax.core.model import SentenceModel
 log = logging.getLogger(__name__)
 
 MIN_BUCKET = 16
+TOKENS_PER_SENTENCE = 128   # default token budget per batch = batch_size * this
+MIN_ROWS = 8                # the smallest batch a partial batch is padded to (per bucket)
 
 
 def bucket_lengths(max_length: int) -> list[int]:
@@ -39,6 +49,54 @@ def bucket_lengths(max_length: int) -> list[int]:
         n *= 2
     out.append(max_length)
     return out
+
+
+def batch_rows(length: int, max_batch_tokens: int, num_devices: int = 1) -> int:
+    """Rows of a full batch of bucket `length`: the token budget's share, a multiple of the devices."""
+    rows = max(max_batch_tokens // length, 1)
+    return max(rows // num_devices, 1) * num_devices
+
+
+def row_options(full_rows: int, num_devices: int = 1) -> list[int]:
+    """Row counts a batch of one bucket may have, largest first: `full_rows` and its halvings.
+
+    A partial batch is padded to the smallest option that holds it, so a lone request does
+    not pay for a full batch, while each bucket keeps a handful of compiled shapes. Every
+    option is a multiple of `num_devices` and at least min(full_rows, MIN_ROWS).
+    """
+    out, r = [full_rows], full_rows
+    while r % 2 == 0 and r // 2 >= max(MIN_ROWS, num_devices) and (r // 2) % num_devices == 0:
+        r //= 2
+        out.append(r)
+    return out
+
+
+def bucket_of(num_tokens: int, buckets: Sequence[int]) -> int:
+    """The smallest bucket length that holds `num_tokens`."""
+    for b in buckets:
+        if b >= num_tokens:
+            return b
+    raise ValueError(f"{num_tokens} tokens exceed the largest bucket {buckets[-1]}")
+
+
+@dataclasses.dataclass(frozen=True)
+class EncodeStats:
+    """What one `encode` call did. Tokens count EOS; padded tokens are rows x length summed."""
+    sentences: int
+    seconds: float
+    real_tokens: int
+    padded_tokens: int
+    batches: int
+    truncated: int
+
+    @property
+    def sentences_per_s(self) -> float:
+        return self.sentences / self.seconds if self.seconds > 0 else float("inf")
+
+    @property
+    def padding_fraction(self) -> float:
+        """Share of the computed token positions that were padding (0 = none)."""
+        return 1.0 - self.real_tokens / self.padded_tokens if self.padded_tokens else 0.0
 
 
 def _forward(graphdef, state, ids, mask):
@@ -53,6 +111,9 @@ class SentenceEncoder:
       tokenizer: a `mst5_jax.formats.tokenizer.Tokenizer`.
       config: the model's `EncoderConfig`.
       compiled_shapes: the (batch, length) shapes compiled so far.
+      last_stats: the `EncodeStats` of the latest finished `encode` call (informational; a
+        caller sharing the encoder between threads should use `encode_ids`, which returns
+        its own stats).
     """
 
     def __init__(self, model: SentenceModel, tokenizer: Any, *, source: Optional[str] = None,
@@ -64,6 +125,8 @@ class SentenceEncoder:
         self.adapter = adapter
         self.devices = list(devices) if devices else jax.local_devices()[:1]
         self._compiled: dict[tuple[int, int], Callable] = {}
+        self._compile_lock = threading.Lock()
+        self.last_stats: Optional[EncodeStats] = None
         self._graphdef = self._state = None
         self._refresh()
 
@@ -129,7 +192,8 @@ class SentenceEncoder:
             self._state = jax.device_put(self._state, self._replicated)
         else:
             self._batch_sharding = None
-        self._compiled.clear()
+        with self._compile_lock:
+            self._compiled.clear()
 
     def update_weights(self, model: SentenceModel) -> None:
         """Swaps in new weights of the same structure without recompiling (used during training)."""
@@ -143,34 +207,120 @@ class SentenceEncoder:
 
     @property
     def compiled_shapes(self) -> list[tuple[int, int]]:
-        return sorted(self._compiled)
+        with self._compile_lock:
+            return sorted(self._compiled)
+
+    @property
+    def num_devices(self) -> int:
+        return len(self.devices)
 
     def _fn(self, batch: int, length: int) -> Callable:
         key = (batch, length)
-        if key not in self._compiled:
-            ids = jax.ShapeDtypeStruct((batch, length), jnp.int32, sharding=self._batch_sharding)
-            self._compiled[key] = (
-                jax.jit(_forward, static_argnums=0).lower(self._graphdef, self._state, ids, ids).compile())
-        return self._compiled[key]
+        fn = self._compiled.get(key)
+        if fn is None:
+            with self._compile_lock:  # two threads must not both compile (or race the dict)
+                fn = self._compiled.get(key)
+                if fn is None:
+                    ids = jax.ShapeDtypeStruct((batch, length), jnp.int32, sharding=self._batch_sharding)
+                    fn = jax.jit(_forward, static_argnums=0).lower(self._graphdef, self._state, ids, ids).compile()
+                    self._compiled[key] = fn
+        return fn
+
+    def batch_shapes(self, max_length: int, max_batch_tokens: int) -> list[tuple[int, int]]:
+        """Every (rows, length) shape `encode_ids` may run for these settings."""
+        return [(rows, length) for length in bucket_lengths(max_length)
+                for rows in row_options(batch_rows(length, max_batch_tokens, self.num_devices), self.num_devices)]
+
+    def warmup(self, max_length: int, max_batch_tokens: int) -> list[tuple[int, int]]:
+        """Compiles every shape of `batch_shapes` now (a server calls this before it is ready)."""
+        shapes = self.batch_shapes(max_length, max_batch_tokens)
+        for rows, length in shapes:
+            self._fn(rows, length)
+        return shapes
 
     def tokenize(self, sentences: Sequence[str], max_length: int) -> list[list[int]]:
         return self.tokenizer.encode_batch(list(sentences), max_length=max_length)
 
+    def dispatch(self, rows_ids: Sequence[Sequence[int]], rows: int, length: int) -> jax.Array:
+        """Starts the forward pass of one padded batch and returns without waiting.
+
+        Args:
+          rows_ids: at most `rows` token-id lists, each at most `length` long.
+          rows, length: the batch shape (one of `batch_shapes`).
+        Returns:
+          A float32 device array [rows, d]; row r is the embedding of rows_ids[r] (rows past
+          len(rows_ids) are padding). `np.asarray` on it waits for the result.
+        """
+        arr = np.zeros((rows, length), np.int32)
+        mask = np.zeros((rows, length), np.int32)
+        for r, row in enumerate(rows_ids):
+            arr[r, : len(row)] = row
+            mask[r, : len(row)] = 1
+        if self._batch_sharding is not None:
+            arr = jax.device_put(arr, self._batch_sharding)
+            mask = jax.device_put(mask, self._batch_sharding)
+        return self._fn(rows, length)(self._state, arr, mask)
+
+    def encode_ids(self, ids: Sequence[Sequence[int]], max_length: int, max_batch_tokens: int,
+                   progress: Optional[Callable[[int], Any]] = None) -> tuple[np.ndarray, EncodeStats]:
+        """Embeds already-tokenised sentences: float32 [n, d] in input order, and the stats.
+
+        Sentences are sorted by length (longest first), cut into batches of at most
+        `batch_rows(bucket, max_batch_tokens)` rows, and each batch is dispatched before
+        the previous one is copied out, so host and device overlap. `progress(k)` is called
+        with the number of rows each finished batch delivered.
+        """
+        t0 = time.perf_counter()
+        n, dim = len(ids), self.config.embedding_dim
+        out = np.zeros((n, dim), np.float32)
+        buckets = bucket_lengths(max_length)
+        lengths = np.fromiter((len(x) for x in ids), np.int64, count=n)
+        order = np.argsort(-lengths, kind="stable")
+        in_flight: collections.deque = collections.deque()
+        real = int(lengths.sum())
+        padded = batches = start = 0
+        while start < n:
+            length = bucket_of(int(lengths[order[start]]), buckets)
+            options = row_options(batch_rows(length, max_batch_tokens, self.num_devices), self.num_devices)
+            idx = order[start:start + options[0]]
+            rows = next(r for r in reversed(options) if r >= len(idx))
+            in_flight.append((idx, self.dispatch([ids[i] for i in idx], rows, length)))
+            if len(in_flight) > 1:  # keep one batch on the device while this one is copied out
+                done_idx, emb = in_flight.popleft()
+                out[done_idx] = np.asarray(emb)[: len(done_idx)]
+                if progress is not None:
+                    progress(len(done_idx))
+            padded += rows * length
+            batches += 1
+            start += len(idx)
+        while in_flight:
+            done_idx, emb = in_flight.popleft()
+            out[done_idx] = np.asarray(emb)[: len(done_idx)]
+            if progress is not None:
+                progress(len(done_idx))
+        stats = EncodeStats(sentences=n, seconds=time.perf_counter() - t0, real_tokens=real,
+                            padded_tokens=padded, batches=batches, truncated=0)
+        return out, stats
+
     def encode(self, sentences: Sequence[str] | str, batch_size: int = 64, max_length: int = 512,
                normalize: bool = False, *, normalize_embeddings: Optional[bool] = None,
                show_progress_bar: bool = False, precision: str = "float32",
-               convert_to_numpy: bool = True, **unused: Any) -> np.ndarray:
+               convert_to_numpy: bool = True, max_batch_tokens: Optional[int] = None,
+               **unused: Any) -> np.ndarray:
         """Embeds sentences. Returns float32 [n, d] (or quantized, see `precision`), input order.
 
         Args:
           sentences: a list of strings (a single string gives [d]).
-          batch_size: sentences per compiled batch; rounded up to a multiple of the devices.
+          batch_size: sets the default token budget per batch, `batch_size * 128` tokens
+            (so a 128-token bucket runs `batch_size` rows, a 16-token bucket 8x as many).
           max_length: tokens per sentence including EOS; longer input is truncated, with
             one warning per call.
           normalize / normalize_embeddings: L2-normalise the embeddings.
           show_progress_bar: a tqdm bar with sentences/s.
           precision: "float32", or "int8" / "uint8" / "binary" / "ubinary" quantized as
             sentence-transformers' `quantize_embeddings` does.
+          max_batch_tokens: the token budget per batch (rows x bucket length); overrides
+            the default from `batch_size`.
         """
         if unused:
             log.debug("encode: ignoring sentence-transformers options %s", sorted(unused))
@@ -185,39 +335,24 @@ class SentenceEncoder:
                             f" ({len(bad)} non-string items)")
         if batch_size <= 0 or max_length <= 1:
             raise ValueError(f"batch_size={batch_size} and max_length={max_length} must be positive (max_length >= 2)")
+        budget = max_batch_tokens if max_batch_tokens is not None else batch_size * TOKENS_PER_SENTENCE
+        if budget < 1:
+            raise ValueError(f"max_batch_tokens={max_batch_tokens} must be positive")
         n = len(sentences)
         dim = self.config.embedding_dim
         if n == 0:
             return np.zeros((0, dim), np.float32)
-        ndev = len(self.devices)
-        batch_size = -(-batch_size // ndev) * ndev
-        ids = self.tokenize(sentences, max_length)
-        truncated = getattr(self.tokenizer, "num_truncated", 0)
+        t0 = time.perf_counter()
+        ids, truncated = self.tokenizer.encode_batch_counted(list(sentences), max_length=max_length)
         if truncated:
             log.warning("encode: %d of %d sentences were truncated to max_length=%d tokens", truncated, n, max_length)
-        buckets = bucket_lengths(max_length)
-        order = sorted(range(n), key=lambda i: len(ids[i]), reverse=True)
-        out = np.zeros((n, dim), np.float32)
         bar = _progress(n, show_progress_bar)
-        for start in range(0, n, batch_size):
-            idx = order[start:start + batch_size]
-            longest = max(len(ids[i]) for i in idx)
-            length = next(b for b in buckets if b >= longest)
-            arr = np.zeros((batch_size, length), np.int32)
-            for r, i in enumerate(idx):
-                arr[r, : len(ids[i])] = ids[i]
-            mask = np.zeros_like(arr)
-            for r, i in enumerate(idx):
-                mask[r, : len(ids[i])] = 1
-            if self._batch_sharding is not None:
-                arr = jax.device_put(arr, self._batch_sharding)
-                mask = jax.device_put(mask, self._batch_sharding)
-            emb = np.asarray(self._fn(batch_size, length)(self._state, arr, mask))
-            out[idx] = emb[: len(idx)]
-            if bar is not None:
-                bar.update(len(idx))
+        out, stats = self.encode_ids(ids, max_length, budget, progress=None if bar is None else bar.update)
         if bar is not None:
             bar.close()
+        self.last_stats = stats = dataclasses.replace(stats, seconds=time.perf_counter() - t0, truncated=truncated)
+        log.debug("encode: %d sentences in %.3f s (%.1f sentences/s), %d batches, padding %.1f%%",
+                  n, stats.seconds, stats.sentences_per_s, stats.batches, 100 * stats.padding_fraction)
         if normalize or normalize_embeddings:
             out /= np.maximum(np.linalg.norm(out, axis=1, keepdims=True), 1e-12)
         if precision != "float32":
