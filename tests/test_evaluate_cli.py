@@ -108,10 +108,11 @@ def tiny_model_dir(data_dir, tmp_path_factory):
     from hf_reference import hf_config, random_encoder, save_hf_dir
 
     from mst5_jax.formats.vocab import train_sentencepiece
+    from mst5_jax.utils.files import distinct_texts
 
     d = tmp_path_factory.mktemp("tiny_mt5")
     files = [data_dir / "sts17" / "STS2017-extended" / f"STS.{p}.txt" for p in ("en-en", "es-es", "ar-ar", "en-tr")]
-    train_sentencepiece(files, d / "spiece.model", vocab_size=300)
+    train_sentencepiece(distinct_texts(files), d / "spiece.model", vocab_size=300)
     save_hf_dir(random_encoder(hf_config(vocab_size=300, d_model=32, d_ff=64, num_heads=4, d_kv=8, num_layers=2)), d)
     return d
 
