@@ -367,6 +367,7 @@ def task_e2e(spec: dict, job: dict, rows: common.RowWriter) -> None:
     from mst5_jax.inference.encoder import SentenceEncoder
     from mst5_jax.formats.tokenizer import Tokenizer
     from mst5_jax.formats.vocab import train_sentencepiece
+    from mst5_jax.utils.files import distinct_texts
 
     name = job["model"]
     row = dict(section="e2e", side="ours", model=name, config=job["config"], kind="encode")
@@ -387,7 +388,7 @@ def task_e2e(spec: dict, job: dict, rows: common.RowWriter) -> None:
         spm = pathlib.Path(spec["work"]) / "e2e_vocab" / f"spiece-{job['vocab_size']}-{'-'.join(job['langs'])}.model"
         if not spm.is_file():
             spm.parent.mkdir(parents=True, exist_ok=True)
-            train_sentencepiece(files, spm, vocab_size=job["vocab_size"])
+            train_sentencepiece(distinct_texts(files), spm, vocab_size=job["vocab_size"])
         cfg = encoder_config(spec, name)
         model = huggingface.load_hf_weights(spec["weights_dir"][name], cfg)
         enc = SentenceEncoder(model, Tokenizer.from_pretrained(spm))

@@ -41,6 +41,7 @@ from typing import Optional, Sequence
 import numpy as np
 
 from mst5_jax.evals import mining
+from mst5_jax.utils.files import read_lines
 
 log = logging.getLogger("mst5_jax.mine")
 
@@ -120,13 +121,6 @@ def mine(x: np.ndarray, y: np.ndarray, k: int = 4, backend: str = "exact",
 
 
 # ---------------------------------------------------------------------- text and files
-def read_lines(path: pathlib.Path) -> list[str]:
-    """Lines without their ending (`\\n` or `\\r\\n`), split on `\\n` only."""
-    from mst5_jax.encode import read_sentences
-
-    return list(read_sentences(pathlib.Path(path)))
-
-
 def dedup(lines: Sequence[str]) -> np.ndarray:
     """Indices [u] of the first occurrence of each distinct line, in order."""
     first: dict[str, int] = {}

@@ -32,11 +32,11 @@ import pathlib
 import sys
 from typing import Iterator, Optional, Sequence
 
+from mst5_jax.datasets import xnli
+from mst5_jax.utils.files import read_tsv
 from tasks.triplets import XNLI_LANGUAGES, AlignedNli, BadRows, NliRow, make_row
 
 log = logging.getLogger(__name__)
-
-csv.field_size_limit(min(sys.maxsize, 2**31 - 1))
 
 XTREME_SPLITS = {"dev": "dev", "validation": "dev", "test": "test"}
 
@@ -53,21 +53,6 @@ def _open_text(path: pathlib.Path):
     return open(path, encoding="utf-8", errors="surrogateescape", newline="")
 
 
-def _tsv_records(path: pathlib.Path, quoting: int = csv.QUOTE_MINIMAL) -> Iterator[tuple[int, list[str]]]:
-    """(line number where the record starts, fields) for every record of a tab-separated file."""
-    with _open_text(path) as f:
-        reader = csv.reader(f, delimiter="\t", quoting=quoting)
-        start = 1
-        for fields in reader:
-            yield start, fields
-            start = reader.line_num + 1
-
-
-def _xnli_dir(data_dir: os.PathLike) -> list[pathlib.Path]:
-    root = pathlib.Path(data_dir)
-    return [root / "xnli", root]
-
-
 @functools.lru_cache(maxsize=8)
 def _read_xtreme_xnli_cached(dirs: tuple[pathlib.Path, ...], split: str, langs: tuple[str, ...]) -> AlignedNli:
     labels: Optional[list[str]] = None
@@ -82,7 +67,7 @@ def _read_xtreme_xnli_cached(dirs: tuple[pathlib.Path, ...], split: str, langs: 
         bad = BadRows(str(path))
         out: list[Optional[NliRow]] = []
         n_cols = 3 if split == "dev" else 2
-        for i, (line, fields) in enumerate(_tsv_records(path)):
+        for i, (line, fields) in enumerate(read_tsv(path)):
             if len(fields) != n_cols:
                 bad.add(line, f"wrong column count (expected {n_cols})")
                 out.append(None)
@@ -104,7 +89,7 @@ def read_xtreme_xnli(data_dir: os.PathLike, split: str, langs: Sequence[str] = X
     """XTREME-format XNLI dev or test (``split`` 'dev'/'validation' or 'test'), all `langs`."""
     if split not in XTREME_SPLITS:
         raise ValueError(f"XNLI split must be one of {sorted(XTREME_SPLITS)}, got {split!r}")
-    return _read_xtreme_xnli_cached(tuple(_xnli_dir(data_dir)), XTREME_SPLITS[split], tuple(langs))
+    return _read_xtreme_xnli_cached(tuple(xnli.folders(data_dir)), XTREME_SPLITS[split], tuple(langs))
 
 
 def xnli_mt_paths(data_dir: os.PathLike, lang: str) -> list[pathlib.Path]:
@@ -120,7 +105,7 @@ def _read_xnli_mt_cached(root: pathlib.Path, langs: tuple[str, ...]) -> AlignedN
         path = _find(xnli_mt_paths(root, lang), f"XNLI-MT-1.0 train file for {lang!r} (source 'xnli_mt')")
         bad = BadRows(str(path))
         out: list[Optional[NliRow]] = []
-        records = _tsv_records(path, quoting=csv.QUOTE_NONE)
+        records = read_tsv(path, quoting=csv.QUOTE_NONE)
         header = next(records, (1, []))[1]
         if [h.strip() for h in header[:3]] != ["premise", "hypo", "label"]:
             raise ValueError(f"{path}:1: expected the header 'premise\\thypo\\tlabel', found {header!r}")
@@ -175,7 +160,7 @@ def read_xnli1(data_dir: os.PathLike, split: str, langs: Sequence[str] = XNLI_LA
                     yield (d.get("pairID"), line_no, d.get("language"), d.get("sentence1"),
                            d.get("sentence2"), d.get("gold_label"))
         else:
-            recs = _tsv_records(path, quoting=csv.QUOTE_NONE)
+            recs = read_tsv(path, quoting=csv.QUOTE_NONE)
             header = next(recs)[1]
             col = {h: i for i, h in enumerate(header)}
             need = ("language", "gold_label", "sentence1", "sentence2", "pairID")
@@ -220,7 +205,7 @@ def read_nli_file(path: os.PathLike, *, premise: str | int = "sentence1", hypoth
         for line_no, d in _jsonl(path, bad):  # a broken line still counts as a row read
             out.append(None if d is None else make_row(d.get(premise), d.get(hypothesis), d.get(label), line_no, bad))
     else:
-        recs = _tsv_records(path, quoting=quoting)
+        recs = read_tsv(path, quoting=quoting)
         cols = [premise, hypothesis, label]
         if header:
             names = next(recs, (1, []))[1]

@@ -29,11 +29,13 @@ from typing import Hashable, Iterable, Optional, Sequence
 
 import numpy as np
 
+from mst5_jax.datasets import xnli
+
 log = logging.getLogger(__name__)
 
 LABELS = ("entailment", "neutral", "contradiction")  # TFDS ClassLabel order
 _LABEL_ALIASES = {"contradictory": "contradiction"}  # XNLI-MT and XTREME translate-train spell it so
-XNLI_LANGUAGES = ("ar", "bg", "de", "el", "en", "es", "fr", "hi", "ru", "sw", "th", "tr", "ur", "vi", "zh")
+XNLI_LANGUAGES = xnli.LANGUAGES
 
 
 @dataclasses.dataclass(frozen=True)

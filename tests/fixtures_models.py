@@ -51,11 +51,12 @@ def build_tiny_model_dir(out: pathlib.Path, data_dir: pathlib.Path, *, model_typ
     from transformers import T5Tokenizer
 
     from mst5_jax.formats.vocab import train_sentencepiece
+    from mst5_jax.utils.files import distinct_texts
 
     out = pathlib.Path(out)
     out.mkdir(parents=True, exist_ok=True)
     files = [data_dir / "sts17" / "STS2017-extended" / f"STS.{p}.txt" for p in VOCAB_SOURCES]
-    train_sentencepiece(files, out / "spiece.model", vocab_size=TINY["vocab_size"])
+    train_sentencepiece(distinct_texts(files), out / "spiece.model", vocab_size=TINY["vocab_size"])
     config = hf_config(model_type=model_type, feed_forward_proj=feed_forward_proj, **TINY)
     save_hf_dir(random_encoder(config, seed=seed), out)
     tok = T5Tokenizer.from_pretrained(str(out), extra_ids=0)

@@ -137,3 +137,59 @@ def test_errors_name_the_problem(tiny_hf_model_dir, corpus, tmp_path):
     proc = cli("--model", tiny_hf_model_dir, "--input", corpus[0], "--output", out, *COMMON, "--precision", "int8",
                check=False)
     assert proc.returncode != 0 and "quantize the finished float32 file" in proc.stderr
+
+
+# --- outputs never destroyed or blocked, inputs checked (issue 17) -------------------------------
+
+def _refused(proc, *needles):
+    assert proc.returncode != 0 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    for n in needles:
+        assert n in proc.stderr, (n, proc.stderr[-3000:])
+
+
+def test_failed_run_leaves_nothing_and_overwrite_keeps_old_until_done(tiny_hf_model_dir, corpus, tmp_path):
+    small = tmp_path / "small.txt"
+    small.write_text("\n".join(corpus[1][:50]) + "\n", encoding="utf-8")
+    out = tmp_path / "e.npy"
+    _refused(cli("--model", tmp_path / "no_such_model", "--input", small, "--output", out, *COMMON, check=False),
+             "no_such_model")
+    assert not out.exists() and not (tmp_path / "e.npy.parts").exists()
+    cli("--model", tiny_hf_model_dir, "--input", small, "--output", out, *COMMON)
+    first = np.load(out)
+    # A failing --overwrite job leaves the finished file as it was.
+    _refused(cli("--model", tmp_path / "no_such_model", "--input", small, "--output", out, *COMMON, "--overwrite",
+                 check=False), "no_such_model")
+    np.testing.assert_array_equal(np.load(out), first)
+    cli("--model", tiny_hf_model_dir, "--input", small, "--output", out, *COMMON, "--overwrite", "--normalize")
+    again = np.load(out)
+    ref = first / np.linalg.norm(first, axis=1, keepdims=True)
+    assert rel_err(again, ref) < 1e-5
+
+
+def test_output_equal_to_input_and_empty_input(tiny_hf_model_dir, tmp_path):
+    same = tmp_path / "same.npy"
+    same.write_text("a\nb\n")
+    _refused(cli("--model", tiny_hf_model_dir, "--input", same, "--output", same, *COMMON, check=False),
+             "is the --input file")
+    assert same.read_text() == "a\nb\n"
+    empty = tmp_path / "empty.txt"
+    empty.write_text("")
+    out = tmp_path / "empty.npy"
+    _refused(cli("--model", tiny_hf_model_dir, "--input", empty, "--output", out, *COMMON, check=False),
+             "is empty", "--allow_empty")
+    assert not out.exists() and not (tmp_path / "empty.npy.parts").exists()
+    cli("--model", tiny_hf_model_dir, "--input", empty, "--output", out, *COMMON, "--allow_empty")
+    assert np.load(out).shape == (0, 32)
+
+
+def test_resume_detects_an_edit_past_the_first_mib(tiny_hf_model_dir, tmp_path):
+    inp = tmp_path / "big.txt"
+    inp.write_bytes(b"hello\n" + b"x" * (3 << 19) + b"\n")  # 1.5 MiB second line
+    out = tmp_path / "big.npy"
+    args = ("--model", tiny_hf_model_dir, "--input", inp, "--output", out, "--shard_size", "1", "--max_length", "16",
+            "--no_progress")
+    cli(*args, "--max_shards", "1")
+    data = bytearray(inp.read_bytes())
+    data[-2:-1] = b"y"  # same size, edited after the first MiB
+    inp.write_bytes(bytes(data))
+    _refused(cli(*args, check=False), "manifest.json", "input")

@@ -108,10 +108,11 @@ def tiny_model_dir(data_dir, tmp_path_factory):
     from hf_reference import hf_config, random_encoder, save_hf_dir
 
     from mst5_jax.formats.vocab import train_sentencepiece
+    from mst5_jax.utils.files import distinct_texts
 
     d = tmp_path_factory.mktemp("tiny_mt5")
     files = [data_dir / "sts17" / "STS2017-extended" / f"STS.{p}.txt" for p in ("en-en", "es-es", "ar-ar", "en-tr")]
-    train_sentencepiece(files, d / "spiece.model", vocab_size=300)
+    train_sentencepiece(distinct_texts(files), d / "spiece.model", vocab_size=300)
     save_hf_dir(random_encoder(hf_config(vocab_size=300, d_model=32, d_ff=64, num_heads=4, d_kv=8, num_layers=2)), d)
     return d
 
@@ -149,3 +150,44 @@ def test_tiny_model_cli_matches_hf_torch(tiny_model_dir, data_dir, tmp_path):
         ref = spearman_ref(embed(pairs.s1), embed(pairs.s2), pairs.gold)
         # Ranks of float32 cosines can swap where two pairs are within ~1e-6: allow a little.
         assert res["results"]["xsts"]["per_track"][track] == pytest.approx(ref, abs=0.05), track
+
+
+# --- outputs are never destroyed, failures keep finished tasks (issue 17) ----------------------
+
+def _cli_proc(*args):
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    return subprocess.run([sys.executable, "-m", "mst5_jax.evaluate", *map(str, args)], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=300)
+
+
+def test_existing_output_is_refused_without_overwrite(data_dir, tmp_path):
+    out = tmp_path / "r.json"
+    out.write_text("keep me")
+    proc = _cli_proc("--encoder", "hash", "--tasks", "jsts", "--data_dir", data_dir, "--output", out)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert f"--output {out} exists" in proc.stderr and "--overwrite" in proc.stderr
+    assert out.read_text() == "keep me"
+    proc = _cli_proc("--encoder", "hash", "--tasks", "jsts", "--data_dir", data_dir, "--output", out, "--overwrite")
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(out.read_text())["results"]["jsts"]["spearman"] is not None
+
+
+def test_a_failing_task_keeps_the_finished_ones(data_dir, tmp_path):
+    # A data root with the STS17 files only: xsts runs, jsts cannot find its data.
+    root = tmp_path / "data"
+    root.mkdir()
+    (root / "sts17").symlink_to(data_dir / "sts17", target_is_directory=True)
+    out = tmp_path / "r.json"
+    proc = _cli_proc("--encoder", "hash", "--tasks", "xsts,jsts", "--data_dir", root, "--output", out)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr
+    assert "task jsts failed" in proc.stderr and "1 of 2 task(s) failed" in proc.stderr
+    res = json.loads(out.read_text())
+    assert list(res["results"]) == ["xsts"] and list(res["meta"]["failed_tasks"]) == ["jsts"]
+    ref = _cli_proc("--encoder", "hash", "--tasks", "xsts", "--data_dir", data_dir, "--output", tmp_path / "x.json")
+    assert ref.returncode == 0, ref.stderr
+    assert res["results"]["xsts"]["avg"] == json.loads((tmp_path / "x.json").read_text())["results"]["xsts"]["avg"]
+
+
+def test_unknown_task_has_no_traceback():
+    proc = _cli_proc("--encoder", "hash", "--tasks", "nope")
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr and "unknown task(s) ['nope']" in proc.stderr

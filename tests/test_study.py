@@ -19,7 +19,7 @@ import pytest
 from scipy import stats
 from scipy.spatial.distance import cosine as scipy_cosine
 
-from mst5_jax import study
+from mst5_jax.analysis import study
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 

@@ -10,14 +10,15 @@ from typing import Callable, Optional, Sequence
 
 import numpy as np
 
-from mst5_jax.evals.data import FileLog, read_csv_rows, require_file, resolve_dataset_dir
+from mst5_jax.datasets import xnli
+from mst5_jax.evals.data import FileLog, require_file, resolve_dataset_dir
 from mst5_jax.evals.metrics import mean_or_none
 from mst5_jax.evals.mining import cosine_matrix, l2_normalize, top1
 from mst5_jax.evals.sts import read_jsick
 
 Encode = Callable[[list[str]], np.ndarray]
 
-XNLI_LANGS = ("ar", "bg", "de", "el", "en", "es", "fr", "hi", "ru", "sw", "th", "tr", "ur", "vi", "zh")
+XNLI_LANGS = xnli.LANGUAGES
 
 
 def load_xnli_premises(data_dir, lang: str, split: str = "dev") -> tuple[list[str], object]:
@@ -29,17 +30,14 @@ def load_xnli_premises(data_dir, lang: str, split: str = "dev") -> tuple[list[st
     """
     folder = resolve_dataset_dir(data_dir, "xnli", "dev-en.tsv")
     path = require_file(folder / f"{split}-{lang}.tsv", f"xnli {lang} {split}")
-    rows = read_csv_rows(path, delimiter="\t", num_fields=2)
-    if len(rows) % 3:
-        raise ValueError(f"{path}: {len(rows)} rows is not a whole number of 3-row premise blocks")
-    return [rows[i][0] for i in range(0, len(rows), 3)], path
+    return xnli.premises(path), path
 
 
 def _check_english_blocks(data_dir, split: str):
     """Raise unless every 3-row block of the English file shares one premise; return its path."""
     folder = resolve_dataset_dir(data_dir, "xnli", "dev-en.tsv")
     path = folder / f"{split}-en.tsv"
-    rows = read_csv_rows(path, delimiter="\t", num_fields=2)
+    rows = [fields for _, fields in xnli.read_records(path, errors="strict")]
     for b in range(0, len(rows), 3):
         if not rows[b][0] == rows[b + 1][0] == rows[b + 2][0]:
             raise ValueError(f"{path}: rows {b + 1}-{b + 3} do not share one premise; block layout broken")

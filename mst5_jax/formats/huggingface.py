@@ -46,6 +46,7 @@ from flax import nnx
 
 from mst5_jax.core.config import EncoderConfig
 from mst5_jax.core.model import SentenceModel, abstract_model, path_str
+from mst5_jax.utils.files import atomic_write
 
 log = logging.getLogger(__name__)
 
@@ -465,15 +466,11 @@ def write_safetensors(path: str | os.PathLike, tensors: Iterator[tuple[str, np.n
         header["__metadata__"] = metadata
     blob = json.dumps(header, separators=(",", ":")).encode()
     blob += b" " * (-len(blob) % 8)
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
+    with atomic_write(path, "wb") as f:
         f.write(struct.pack("<Q", len(blob)))
         f.write(blob)
         for _, arr in items:
             f.write(np.ascontiguousarray(arr).tobytes())
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def save_hf(model: SentenceModel, out_dir: str | os.PathLike, dtype: Optional[str] = None) -> pathlib.Path:

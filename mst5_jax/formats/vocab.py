@@ -5,22 +5,24 @@ SentencePiece model; gin can pass one explicitly to `tasks.configure`), else a s
 SentencePiece model trained on the local XNLI training text (the XTREME
 ``xnli/test-*.tsv`` files, which offline runs train on) and cached in the git-ignored
 ``<repo>/.cache/vocab/<sha256 of those files>/spiece.model``. The cached model exists
-because no pretrained mT5 vocabulary is on hand offline; it has the mT5 id layout
+because no pretrained mT5 vocabulary is on hand offline; which files and sentences form
+"the XNLI training text" is `mst5_jax.datasets.xnli`'s to say (`train_sentencepiece`
+itself takes any sentence stream); it has the mT5 id layout
 (pad 0, EOS 1, unk 2, no BOS) so everything downstream is unchanged when the real
 250k mT5 vocabulary is used instead.
 """
 from __future__ import annotations
 
-import csv
 import hashlib
 import io
 import logging
 import os
 import pathlib
-import tempfile
-from typing import Iterator, Optional
+from typing import Iterable, Optional
 
+from mst5_jax.datasets import xnli
 from mst5_jax.utils import paths
+from mst5_jax.utils.files import atomic_write
 
 log = logging.getLogger(__name__)
 
@@ -30,16 +32,6 @@ DEFAULT_CACHE_ROOT = paths.CACHE_DIR / "vocab"
 VOCAB_SIZE = 8000
 INPUT_SENTENCE_SIZE = 50_000  # of ~100k distinct sentences: ~15 s on 2 busy cores
 CHARACTER_COVERAGE = 0.9995
-
-
-def xnli_training_files(data_dir: str | os.PathLike) -> list[pathlib.Path]:
-    """The local XNLI training text: ``test-<lang>.tsv`` under `data_dir` or `data_dir`/xnli."""
-    root = pathlib.Path(data_dir)
-    for d in (root / "xnli", root):
-        files = sorted(d.glob("test-*.tsv"))
-        if files:
-            return files
-    return []
 
 
 def files_sha256(files: list[pathlib.Path]) -> str:
@@ -54,37 +46,27 @@ def files_sha256(files: list[pathlib.Path]) -> str:
     return h.hexdigest()
 
 
-def _sentences(files: list[pathlib.Path]) -> Iterator[str]:
-    """Distinct premises and hypotheses, in file order (XNLI repeats each premise 3 times)."""
-    seen: set[str] = set()
-    for f in files:
-        with open(f, encoding="utf-8", errors="replace", newline="") as fh:
-            for row in csv.reader(fh, delimiter="\t"):
-                for text in row[:2]:
-                    if text and text not in seen:
-                        seen.add(text)
-                        yield text
-
-
-def train_sentencepiece(files: list[pathlib.Path], out_path: pathlib.Path, *,
+def train_sentencepiece(sentences: Iterable[str], out_path: pathlib.Path, *,
                         vocab_size: Optional[int] = None) -> pathlib.Path:
-    """Trains a unigram SentencePiece model with mT5's special ids and writes it atomically."""
+    """Trains a unigram SentencePiece model on `sentences` with mT5's special ids; writes it atomically.
+
+    The model depends on the sentences and their order (the input sample is seeded).
+    Concurrent builders race harmlessly: the last complete file wins.
+    """
     import sentencepiece as spm  # noqa: PLC0415
 
     vocab_size = vocab_size or VOCAB_SIZE
     buf = io.BytesIO()
     spm.set_random_generator_seed(0)  # the sentence sample is then the same on every machine
     spm.SentencePieceTrainer.train(
-        sentence_iterator=_sentences(files), model_writer=buf, vocab_size=vocab_size,
+        sentence_iterator=iter(sentences), model_writer=buf, vocab_size=vocab_size,
         model_type="unigram", character_coverage=CHARACTER_COVERAGE,
         pad_id=0, eos_id=1, unk_id=2, bos_id=-1,
         input_sentence_size=INPUT_SENTENCE_SIZE, shuffle_input_sentence=True,
         num_threads=2, minloglevel=2)
     out_path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=out_path.parent, suffix=".tmp")
-    with os.fdopen(fd, "wb") as fh:
+    with atomic_write(out_path, "wb") as fh:
         fh.write(buf.getvalue())
-    os.replace(tmp, out_path)  # concurrent builders race harmlessly: last complete file wins
     return out_path
 
 
@@ -103,7 +85,7 @@ def default_vocab_path(data_dir: Optional[str | os.PathLike], cache_root: Option
     env = os.environ.get(ENV_VAR)
     if env:
         return env
-    files = xnli_training_files(data_dir) if data_dir is not None else []
+    files = xnli.training_files(data_dir) if data_dir is not None else []
     if not files:
         looked = "no data_dir given" if data_dir is None else (
             f"looked for test-*.tsv in {pathlib.Path(data_dir) / 'xnli'} and {pathlib.Path(data_dir)}")
@@ -119,5 +101,5 @@ def default_vocab_path(data_dir: Optional[str | os.PathLike], cache_root: Option
         return str(path)
     log.warning("No %s set: training a %d-piece SentencePiece vocabulary on the local XNLI text "
                 "(%s/test-*.tsv, %d files) into %s", ENV_VAR, VOCAB_SIZE, files[0].parent, len(files), path)
-    train_sentencepiece(files, path)
+    train_sentencepiece(xnli.training_sentences(files), path)
     return str(path)

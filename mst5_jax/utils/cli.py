@@ -38,10 +38,10 @@ class UserError(Exception):
     """A mistake the user can fix. The message says what, what was expected, and how to fix it."""
 
 
-USER_ERRORS: tuple[type[BaseException], ...] = (UserError, FileNotFoundError, NotADirectoryError, IsADirectoryError,
-                                                 PermissionError, FileExistsError)
-"""Errors printed without a traceback. Project error classes that describe bad input
-(e.g. weights or configs) subclass `UserError`."""
+USER_ERRORS: tuple[type[BaseException], ...] = (UserError, ValueError, FileNotFoundError, NotADirectoryError,
+                                                 IsADirectoryError, PermissionError, FileExistsError)
+"""Errors printed without a traceback. The project raises ValueError (and subclasses such
+as the weight-format errors) for bad input, with messages that name the value and the fix."""
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
@@ -74,6 +74,11 @@ def run(body: Callable[[], Optional[int]], prog: str, debug: bool = False) -> in
         if debug:
             raise
         print(f"{prog}: error: {error_text(e)}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    except SystemExit as e:  # argparse-style `raise SystemExit("message")` from library code
+        if debug or not isinstance(e.code, str):
+            raise
+        print(f"{prog}: error: {e.code}", file=sys.stderr)
         return EXIT_USER_ERROR
     except KeyboardInterrupt:
         if debug:

@@ -8,21 +8,46 @@
   folder, are fsynced, then renamed over the target, so a reader sees the old file or the
   new one, never a mix. A failure leaves the old file as it was and removes the temporary.
 - `sha256_file`: the content hash of one file, streamed.
+- `read_tsv` / `distinct_texts`: tab-separated files in csv.writer's dialect (XNLI, STS).
+- `model_files_fingerprint`: the identity of a model or adapter directory (its files' sizes
+  and hashes), recorded next to evaluation results.
 """
 from __future__ import annotations
 
 import contextlib
+import csv
 import hashlib
 import json
 import os
 import pathlib
+import sys
 import tempfile
-from typing import IO, Any, Iterator, Union
+from typing import IO, Any, Iterator, Sequence, Union
 
 PathLike = Union[str, os.PathLike]
 
 BOM = "\ufeff"
 _CHUNK = 1 << 22
+
+csv.field_size_limit(min(sys.maxsize, 2**31 - 1))  # XNLI-MT has fields above csv's 128 KiB default
+
+
+def iter_lines(path: PathLike) -> Iterator[tuple[int, str]]:
+    """(1-based line number, line) of a UTF-8 text file, streamed, with `read_lines`' policy.
+
+    Memory stays at one line. Invalid UTF-8 is a ValueError naming the file and line.
+    """
+    with open(path, "rb") as f:
+        for lineno, raw in enumerate(f, 1):
+            if raw.endswith(b"\n"):
+                raw = raw[:-2] if raw.endswith(b"\r\n") else raw[:-1]
+            try:
+                text = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise ValueError(f"{path}:{lineno}: not valid UTF-8 ({e})") from e
+            if lineno == 1 and text.startswith(BOM):
+                text = text[1:]
+            yield lineno, text
 
 
 def read_lines(path: PathLike) -> list[str]:
@@ -31,14 +56,7 @@ def read_lines(path: PathLike) -> list[str]:
     Only ``\\n`` splits lines (a lone ``\\r`` or U+2028 stays inside its line). A final line
     with no newline is kept; the empty string after a final newline is not.
     """
-    with open(path, encoding="utf-8", newline="") as f:
-        text = f.read()
-    if text.startswith(BOM):
-        text = text[1:]
-    lines = text.split("\n")
-    if lines and lines[-1] == "":
-        lines.pop()
-    return [ln[:-1] if ln.endswith("\r") else ln for ln in lines]
+    return [text for _, text in iter_lines(path)]
 
 
 def fsync_dir(directory: PathLike) -> None:
@@ -101,3 +119,70 @@ def sha256_file(path: PathLike) -> str:
         for chunk in iter(lambda: f.read(_CHUNK), b""):
             h.update(chunk)
     return h.hexdigest()
+
+
+_FULL_HASH_LIMIT = 64 << 20  # files above this are fingerprinted by head + tail + size
+_PARTIAL_BYTES = 8 << 20
+
+
+def model_files_fingerprint(path: PathLike | None) -> dict | None:
+    """Identify a model or adapter directory (or file) by the size and sha256 of its files.
+
+    Files above 64 MiB are hashed on their first and last 8 MiB plus their size
+    ("sha256_head_tail"), so multi-GB checkpoints are fingerprinted in seconds. A path that
+    is not on disk (a hub id) gives {"path": path, "exists": False}; None gives None.
+    Returns {"path", "exists": True, "combined_sha256", "files": [{"file", "bytes", hash}]}.
+    """
+    if path is None:
+        return None
+    p = pathlib.Path(path)
+    if not p.exists():
+        return {"path": str(path), "exists": False}
+    files = sorted(f for f in (p.rglob("*") if p.is_dir() else [p]) if f.is_file())
+    entries = []
+    for f in files:
+        size = f.stat().st_size
+        entry: dict[str, Any] = {"file": str(f.relative_to(p)) if p.is_dir() else f.name, "bytes": size}
+        if size <= _FULL_HASH_LIMIT:
+            entry["sha256"] = sha256_file(f)
+        else:
+            h = hashlib.sha256()
+            with open(f, "rb") as fh:
+                h.update(fh.read(_PARTIAL_BYTES))
+                fh.seek(size - _PARTIAL_BYTES)
+                h.update(fh.read(_PARTIAL_BYTES))
+            entry["sha256_head_tail"] = h.hexdigest()
+        entries.append(entry)
+    combined = hashlib.sha256(json.dumps(entries, sort_keys=True).encode()).hexdigest()
+    return {"path": str(p.resolve()), "exists": True, "combined_sha256": combined, "files": entries}
+
+
+def read_tsv(path: PathLike, *, quoting: int = csv.QUOTE_MINIMAL,
+             errors: str = "surrogateescape") -> Iterator[tuple[int, list[str]]]:
+    """(line where the record starts, fields) of a tab-separated file in csv.writer's dialect.
+
+    csv quoting lets a quoted field span lines; ``errors="surrogateescape"`` keeps
+    undecodable bytes visible to the caller's checks instead of raising.
+    """
+    # utf-8-sig: the one BOM policy of this module (a leading BOM is dropped).
+    with open(path, encoding="utf-8-sig", errors=errors, newline="") as f:
+        reader = csv.reader(f, delimiter="\t", quoting=quoting)
+        start = 1
+        for fields in reader:
+            yield start, fields
+            start = reader.line_num + 1
+
+
+def distinct_texts(files: Sequence[PathLike], columns: int = 2) -> Iterator[str]:
+    """The distinct non-empty texts of the first `columns` fields of TSV `files`, in file order.
+
+    Undecodable bytes become U+FFFD. This is the sentence stream the cached SentencePiece
+    vocabularies are trained on.
+    """
+    seen: set[str] = set()
+    for f in files:
+        for _, row in read_tsv(f, errors="replace"):
+            for text in row[:columns]:
+                if text and text not in seen:
+                    seen.add(text)
+                    yield text
