@@ -1,4 +1,4 @@
-"""mst5_jax.core.lora against peft 0.21 on random HF PyTorch encoders.
+"""mst5_jax.core.lora and mst5_jax.formats.peft against peft 0.21 on random HF PyTorch encoders.
 
 References: `peft.PeftModel` + masked mean pooling (embeddings), peft's own trainable
 parameter count, peft's `merge_and_unload` (merged kernels), the HF torch state dict
@@ -22,22 +22,24 @@ from flax import nnx
 from safetensors.torch import load_file as load_torch_safetensors
 
 from hf_reference import hf_config, hf_forward, random_encoder, random_ids, rel_err, save_hf_dir
-from mst5_jax.formats.huggingface import load_hf_weights
 from mst5_jax.core.config import EncoderConfig
 from mst5_jax.core.lora import (
     LoRAConfig,
     LoRAError,
     apply_lora,
     dry_run,
-    load_peft_adapter,
+    has_lora,
     lora_filter,
     merge,
-    save_peft_adapter,
+    merged,
     split_trainable,
     training_memory,
     trainable_filter,
     unmerge,
 )
+from mst5_jax.formats.huggingface import load_hf_weights
+from mst5_jax.formats.peft import lora_config_from_peft, load_peft_adapter, save_peft_adapter
+from mst5_jax.formats.safetensors import write_safetensors
 from mst5_jax.core.model import LoRAParam, count_params, logical_axes, path_str
 
 TOL = 1e-4
@@ -103,7 +105,6 @@ def test_embeddings_match_peft(tmp_path, case):
     assert rel_err(emb, ref) <= TOL, case
 
     # The dry run counts what peft counts.
-    from mst5_jax.core.lora import lora_config_from_peft
     report = dry_run(model.cfg, lora_config_from_peft(json.loads((tmp_path / "adapter/adapter_config.json").read_text())),
                      print_fn=lambda s: None)
     trainable, total = pm.get_nb_trainable_parameters()
@@ -414,7 +415,6 @@ def test_decoder_adapter_refused_with_count(tmp_path):
 
 
 def test_unexpected_missing_and_misshapen_tensors_are_named(tmp_path):
-    from mst5_jax.formats.huggingface import write_safetensors
     base_dir, adapter = _adapter_with(tmp_path)
     st = adapter / "adapter_model.safetensors"
     tensors = {k: v.numpy() for k, v in load_torch_safetensors(str(st)).items()}
