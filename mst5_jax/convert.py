@@ -269,9 +269,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args.argv = argv
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                         stream=sys.stderr)
+    from mst5_jax.inference.encoder import LOAD_ERRORS
+
     try:
         convert(args)
-    except ConvertError as e:
+    except (ConvertError, *LOAD_ERRORS) as e:
         raise SystemExit(f"convert: {e}") from None
     return 0
 

@@ -318,7 +318,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         raise SystemExit("--shard_size and --chunk_size must be positive")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                         stream=sys.stderr)
-    return run(args)
+    from mst5_jax.inference.encoder import LOAD_ERRORS
+
+    try:
+        return run(args)
+    except LOAD_ERRORS as e:
+        print(f"encode: {e}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

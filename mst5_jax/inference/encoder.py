@@ -23,11 +23,16 @@ import numpy as np
 from flax import nnx
 
 from mst5_jax.core import lora
-from mst5_jax.core.config import EncoderConfig
+from mst5_jax.core.config import ConfigError, EncoderConfig
 from mst5_jax.core.model import SentenceModel
 from mst5_jax.formats import huggingface, peft
+from mst5_jax.utils import safety
 
 log = logging.getLogger(__name__)
+
+# What `SentenceEncoder.from_pretrained` raises for a bad model, adapter or config.json (user
+# input, not a bug); each names the file and what was wrong, so CLIs print it without a traceback.
+LOAD_ERRORS = (huggingface.CheckpointError, lora.LoRAError, ConfigError, safety.UnsafePathError)
 
 MIN_BUCKET = 16
 
@@ -96,8 +101,6 @@ class SentenceEncoder:
             model, tok = run_checkpoints.load_run_model(p, step=step, dtype=dtype, param_dtype=param_dtype)
             return cls(model, tok, source=str(p), devices=devices)
         model_dir = huggingface.resolve_model_dir(path)
-        from mst5_jax.utils import safety
-
         safety.check_tree(model_dir)  # symlinks only inside model_dir or its hub cache repo
         if (model_dir / "modules.json").is_file():
             from mst5_jax.formats import st_format
