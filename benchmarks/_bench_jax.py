@@ -32,7 +32,8 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 from flax import nnx  # noqa: E402
 
-from mst5_jax.formats import huggingface
+from mst5_jax.formats import huggingface, peft
+from mst5_jax.formats.safetensors import write_safetensors
 from mst5_jax.training import flops
 from mst5_jax.core import lora
 from mst5_jax.core import partitioning
@@ -194,7 +195,7 @@ def write_weights(cfg: EncoderConfig, out: pathlib.Path, seed: int, rows: common
     hf = cfg.to_hf_dict()
     hf["torch_dtype"] = "bfloat16"
     (out / "config.json").write_text(json.dumps(hf, indent=2) + "\n")
-    huggingface.write_safetensors(out / huggingface.SAFETENSORS, iter(tensors), metadata={"format": "pt"})
+    write_safetensors(out / huggingface.SAFETENSORS, iter(tensors), metadata={"format": "pt"})
     nbytes = sum(t.nbytes for _, t in tensors)
     del tensors
     write_adapter(cfg, out / "adapter", seed)
@@ -210,17 +211,17 @@ def write_adapter(cfg: EncoderConfig, out: pathlib.Path, seed: int) -> None:
     bound = 1.0 / math.sqrt(cfg.d_model)
     for i in range(cfg.num_layers):
         for t in common.LORA_TARGETS:
-            name = f"{lora.PEFT_PREFIX}encoder.block.{i}.layer.0.SelfAttention.{t}"
+            name = f"{peft.PEFT_PREFIX}encoder.block.{i}.layer.0.SelfAttention.{t}"
             tensors.append((f"{name}.lora_A.weight", rng.uniform(-bound, bound, (r, cfg.d_model)).astype(np.float32)))
             tensors.append((f"{name}.lora_B.weight",
                             rng.normal(0.0, common.LORA_B_STD, (cfg.inner_dim, r)).astype(np.float32)))
-    huggingface.write_safetensors(out / lora.ADAPTER_SAFETENSORS, iter(tensors), metadata={"format": "pt"})
+    write_safetensors(out / peft.ADAPTER_SAFETENSORS, iter(tensors), metadata={"format": "pt"})
     config = {"peft_type": "LORA", "task_type": None, "base_model_name_or_path": None, "inference_mode": False,
               "r": r, "lora_alpha": common.LORA_ALPHA, "lora_dropout": 0.0, "target_modules": list(common.LORA_TARGETS),
               "bias": "none", "fan_in_fan_out": False, "use_rslora": False, "init_lora_weights": True,
               "modules_to_save": None, "layers_to_transform": None, "layers_pattern": None,
               "rank_pattern": {}, "alpha_pattern": {}}
-    (out / lora.ADAPTER_CONFIG).write_text(json.dumps(config, indent=2) + "\n")
+    (out / peft.ADAPTER_CONFIG).write_text(json.dumps(config, indent=2) + "\n")
 
 
 # ---------------------------------------------------------------------- fwd: parity + encode
@@ -231,7 +232,7 @@ def task_fwd(spec: dict, job: dict, rows: common.RowWriter) -> None:
     ids = np.load(spec["ids"])
     t0 = time.perf_counter()
     model = huggingface.load_hf_weights(wdir, cfg)
-    lora.load_peft_adapter(model, wdir / "adapter")
+    peft.load_peft_adapter(model, wdir / "adapter")
     jax.block_until_ready(nnx.state(model))
     load_s = time.perf_counter() - t0
     log(f"loaded {name} in {load_s:.1f} s")

@@ -231,11 +231,12 @@ def convert(args) -> pathlib.Path:
         st_format.save(enc, out, merge_lora=True, max_seq_length=args.max_seq_length, dtype=args.dtype)
     elif to == "peft":
         from mst5_jax.core import lora
+        from mst5_jax.formats import peft
 
-        if not enc._has_lora():
+        if not lora.has_lora(enc.model):
             raise ConvertError(f"{args.input}: the model has no LoRA factors to write as a PEFT adapter "
                                "(a full fine-tune goes --to hf or --to st)")
-        lora.save_peft_adapter(enc.model, out, base_model_name_or_path=base_ref)
+        peft.save_peft_adapter(enc.model, out, base_model_name_or_path=base_ref)
         enc.tokenizer.save(out)
     else:
         raise ConvertError(f"--to {to}: expected one of {KINDS_OUT}")
@@ -268,9 +269,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args.argv = argv
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                         stream=sys.stderr)
+    from mst5_jax.inference.encoder import LOAD_ERRORS
+
     try:
         convert(args)
-    except ConvertError as e:
+    except (ConvertError, *LOAD_ERRORS) as e:
         raise SystemExit(f"convert: {e}") from None
     return 0
 

@@ -11,6 +11,7 @@ import pytest
 from hf_reference import hf_config, hf_forward, random_encoder, random_ids, rel_err, save_hf_dir
 from mst5_jax.formats import huggingface
 from mst5_jax.formats.huggingface import CheckpointError, load_hf_weights, save_hf
+from mst5_jax.formats.safetensors import write_safetensors
 from mst5_jax.core.config import EncoderConfig
 
 
@@ -74,7 +75,7 @@ def test_errors_name_the_problem(torch_model, tmp_path):
 def test_missing_tensor_is_named(torch_model, tmp_path):
     sd = {k: v.numpy() for k, v in torch_model.state_dict().items() if "block.1.layer.1.DenseReluDense.wo" not in k}
     (tmp_path / "m").mkdir()
-    huggingface.write_safetensors(tmp_path / "m" / "model.safetensors", iter(sd.items()))
+    write_safetensors(tmp_path / "m" / "model.safetensors", iter(sd.items()))
     torch_model.config.save_pretrained(tmp_path / "m")
     with pytest.raises(CheckpointError, match=r"tensor encoder.block.1.layer.1.DenseReluDense.wo.weight is missing"):
         load_hf_weights(tmp_path / "m", EncoderConfig.from_hf_json(tmp_path / "m" / "config.json"))
@@ -134,13 +135,13 @@ def base_shaped_checkpoints(tmp_path_factory):
         d.mkdir()
         (d / "config.json").write_text(json.dumps(hf))
         if fmt == "safetensors":
-            huggingface.write_safetensors(d / "model.safetensors", iter(tensors.items()))
+            write_safetensors(d / "model.safetensors", iter(tensors.items()))
         elif fmt == "sharded":
             names = list(tensors)
             shards = {"model-00001-of-00002.safetensors": names[: len(names) // 2],
                       "model-00002-of-00002.safetensors": names[len(names) // 2:]}
             for fname, keys in shards.items():
-                huggingface.write_safetensors(d / fname, ((k, tensors[k]) for k in keys))
+                write_safetensors(d / fname, ((k, tensors[k]) for k in keys))
             (d / "model.safetensors.index.json").write_text(json.dumps(
                 {"weight_map": {k: f for f, ks in shards.items() for k in ks}}))
         else:

@@ -7,6 +7,7 @@ import textwrap
 CORE_MODULES = [
     "mst5_jax", "mst5_jax.core.config", "mst5_jax.core.model", "mst5_jax.core.lora", "mst5_jax.core.losses",
     "mst5_jax.core.partitioning", "mst5_jax.training.train_step", "mst5_jax.inference.encoder", "mst5_jax.formats.huggingface",
+    "mst5_jax.formats.safetensors", "mst5_jax.formats.peft",
     "mst5_jax.training.run_checkpoints", "mst5_jax.formats.tokenizer", "mst5_jax.evals", "tasks.pipeline",
 ]
 BLOCKED = ["tensorflow", "seqio", "gin", "clu", "torch", "tensorflow_datasets", "tensorflow_text"]
@@ -47,3 +48,19 @@ def test_gpu_bench_imports_without_tf_seqio_gin():
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=root)
     assert out.returncode == 0, out.stderr[-3000:]
+
+
+def test_core_lora_imports_no_file_format():
+    """LoRA maths stays in the core: importing it loads no `mst5_jax.formats` module."""
+    code = textwrap.dedent("""
+        import sys
+        import mst5_jax.core.lora
+        leaked = sorted(m for m in sys.modules if m.startswith(("mst5_jax.formats", "mst5_jax.training",
+                                                                 "mst5_jax.inference")))
+        assert not leaked, leaked
+        print("ok")
+    """)
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.stdout.strip().endswith("ok")

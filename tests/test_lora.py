@@ -1,4 +1,4 @@
-"""mst5_jax.core.lora against peft 0.21 on random HF PyTorch encoders.
+"""mst5_jax.core.lora and mst5_jax.formats.peft against peft 0.21 on random HF PyTorch encoders.
 
 References: `peft.PeftModel` + masked mean pooling (embeddings), peft's own trainable
 parameter count, peft's `merge_and_unload` (merged kernels), the HF torch state dict
@@ -22,22 +22,24 @@ from flax import nnx
 from safetensors.torch import load_file as load_torch_safetensors
 
 from hf_reference import hf_config, hf_forward, random_encoder, random_ids, rel_err, save_hf_dir
-from mst5_jax.formats.huggingface import load_hf_weights
 from mst5_jax.core.config import EncoderConfig
 from mst5_jax.core.lora import (
     LoRAConfig,
     LoRAError,
     apply_lora,
     dry_run,
-    load_peft_adapter,
+    has_lora,
     lora_filter,
     merge,
-    save_peft_adapter,
+    merged,
     split_trainable,
     training_memory,
     trainable_filter,
     unmerge,
 )
+from mst5_jax.formats.huggingface import load_hf_weights
+from mst5_jax.formats.peft import lora_config_from_peft, load_peft_adapter, save_peft_adapter
+from mst5_jax.formats.safetensors import write_safetensors
 from mst5_jax.core.model import LoRAParam, count_params, logical_axes, path_str
 
 TOL = 1e-4
@@ -103,7 +105,6 @@ def test_embeddings_match_peft(tmp_path, case):
     assert rel_err(emb, ref) <= TOL, case
 
     # The dry run counts what peft counts.
-    from mst5_jax.core.lora import lora_config_from_peft
     report = dry_run(model.cfg, lora_config_from_peft(json.loads((tmp_path / "adapter/adapter_config.json").read_text())),
                      print_fn=lambda s: None)
     trainable, total = pm.get_nb_trainable_parameters()
@@ -329,6 +330,48 @@ def test_merge_unmerge_fp32_against_peft(tmp_path):
         unmerge(model)
 
 
+def _bits(model) -> dict:
+    """Every variable's raw bytes (uint8 view), so a comparison is bit-for-bit, -0.0 and NaN included."""
+    return {p: np.asarray(v.get_value()).view(np.uint8).copy() for p, v in nnx.to_flat_state(nnx.state(model))}
+
+
+@pytest.mark.parametrize("param_dtype", ["float32", "bfloat16"])
+def test_merged_context_against_peft_and_restores_every_bit(tmp_path, param_dtype):
+    config, base_dir = make_base(tmp_path)
+    pm = peft_adapter(config, 6, tmp_path / "adapter", r=4, lora_alpha=8, target_modules=["q", "v", "wo"])
+    model = load_peft_adapter(ours(base_dir, param_dtype=param_dtype), tmp_path / "adapter")
+    graphdef, before = nnx.split(model)[0], _bits(model)
+    ids, mask = batch()
+    emb = embed(model, ids, mask)
+    merged_ref = pm.merge_and_unload().state_dict()
+    tol = 1e-6 if param_dtype == "float32" else 1e-2  # bf16 keeps 8 mantissa bits
+    with merged(model) as m:
+        assert m is model and not has_lora(model)
+        for i in range(2):
+            want = merged_ref[f"encoder.block.{i}.layer.0.SelfAttention.q.weight"].numpy().T
+            got = np.asarray(model.encoder.layers.attention.q.kernel[...][i], np.float32)
+            assert rel_err(got, want) <= tol
+    assert has_lora(model) and nnx.split(model)[0] == graphdef
+    after = _bits(model)
+    assert after.keys() == before.keys()
+    for p in before:
+        np.testing.assert_array_equal(after[p], before[p], err_msg=path_str(p))
+    np.testing.assert_array_equal(embed(model, ids, mask), emb)
+    with pytest.raises(RuntimeError, match="boom"):  # an error inside the block restores too
+        with merged(model):
+            raise RuntimeError("boom")
+    assert has_lora(model) and all(np.array_equal(v, before[p]) for p, v in _bits(model).items())
+
+
+def test_merged_without_lora_is_a_no_op(tmp_path):
+    _, base_dir = make_base(tmp_path)
+    model = ours(base_dir)
+    before = _bits(model)
+    with merged(model) as m:
+        assert m is model and not has_lora(model)
+    assert all(np.array_equal(v, before[p]) for p, v in _bits(model).items())
+
+
 def test_merge_unmerge_bf16_restores_original(tmp_path):
     config, base_dir = make_base(tmp_path)
     peft_adapter(config, 5, tmp_path / "adapter", r=4, lora_alpha=8, target_modules=["q", "v", "wo"])
@@ -414,7 +457,6 @@ def test_decoder_adapter_refused_with_count(tmp_path):
 
 
 def test_unexpected_missing_and_misshapen_tensors_are_named(tmp_path):
-    from mst5_jax.formats.huggingface import write_safetensors
     base_dir, adapter = _adapter_with(tmp_path)
     st = adapter / "adapter_model.safetensors"
     tensors = {k: v.numpy() for k, v in load_torch_safetensors(str(st)).items()}

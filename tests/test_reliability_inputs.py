@@ -7,6 +7,8 @@ files are generated in tmp; weights are written by `transformers`/`torch`/`peft`
 import json
 import logging
 import pathlib
+import re
+import struct
 import time
 
 import numpy as np
@@ -200,8 +202,7 @@ def test_weights_other_float_dtypes_are_cast_documented(tiny_hf_model_dir, tmp_p
 
 
 def test_weights_integer_dtype_is_an_error(tiny_hf_model_dir, tmp_path):
-    # NEEDS the proposed edit to checkpoints.load_hf_weights (today int32 tensors are cast
-    # to float silently: a quantized or wrong file would load as garbage).
+    # Casting int32 to float silently would load a quantized or wrong file as garbage.
     from mst5_jax.inference.encoder import SentenceEncoder
 
     d = _copy_model(tiny_hf_model_dir, tmp_path / "m")
@@ -212,8 +213,7 @@ def test_weights_integer_dtype_is_an_error(tiny_hf_model_dir, tmp_path):
 
 @pytest.mark.parametrize("bad", [np.nan, np.inf])
 def test_weights_nan_or_inf_is_an_error(tiny_hf_model_dir, tmp_path, bad):
-    # Decision: an error naming the tensor (NEEDS the proposed edit to load_hf_weights;
-    # today the model loads and every embedding is NaN).
+    # Decision: an error naming the tensor (loading it would make every embedding NaN).
     from mst5_jax.inference.encoder import SentenceEncoder
 
     d = _copy_model(tiny_hf_model_dir, tmp_path / "m")
@@ -230,8 +230,7 @@ def test_weights_nan_or_inf_is_an_error(tiny_hf_model_dir, tmp_path, bad):
 
 
 def test_weights_truncated_safetensors(tiny_hf_model_dir, tmp_path):
-    # NEEDS the proposed edit to checkpoints.SafetensorsFile (today: numpy's "buffer is
-    # smaller than requested size", naming neither the file nor the tensor).
+    # Named by file and tensor (numpy alone would say "buffer is smaller than requested size").
     from mst5_jax.inference.encoder import SentenceEncoder
 
     d = _copy_model(tiny_hf_model_dir, tmp_path / "m")
@@ -239,6 +238,203 @@ def test_weights_truncated_safetensors(tiny_hf_model_dir, tmp_path):
     (d / "model.safetensors").write_bytes(raw[: len(raw) - 1000])
     with pytest.raises(CheckpointError, match=r"model.safetensors: truncated: tensor .* ends at byte"):
         SentenceEncoder.from_pretrained(d)
+
+
+# ---------------------------------------------------------------------------- adapters
+def _poisoned_adapter(tiny_hf_model_dir, tmp_path, bad, safe):
+    """A peft adapter on the tiny base, saved by peft, with one value of a lora_B set to `bad`."""
+    import peft
+    import torch
+    import transformers
+
+    base = transformers.MT5EncoderModel.from_pretrained(tiny_hf_model_dir).float().eval()
+    torch.manual_seed(0)
+    pm = peft.get_peft_model(base, peft.LoraConfig(r=2, target_modules=["q", "v"], init_lora_weights=False))
+    pm.save_pretrained(str(tmp_path / "adapter"), safe_serialization=safe)
+    name = "base_model.model.encoder.block.1.layer.0.SelfAttention.v.lora_B.weight"
+    if safe:
+        from safetensors.numpy import load_file, save_file
+
+        f = tmp_path / "adapter" / "adapter_model.safetensors"
+        t = load_file(str(f))
+        t[name] = t[name].copy()
+        t[name][3, 1] = bad
+        save_file(t, str(f), metadata={"format": "pt"})
+    else:
+        f = tmp_path / "adapter" / "adapter_model.bin"
+        t = torch.load(f, weights_only=True)
+        t[name][3, 1] = bad
+        torch.save(t, f)
+    return tmp_path / "adapter", f.name, name
+
+
+@pytest.mark.parametrize("safe", [True, False], ids=["safetensors", "bin"])
+@pytest.mark.parametrize("bad", [np.nan, -np.inf])
+def test_adapter_nan_or_inf_is_an_error(tiny_hf_model_dir, tmp_path, bad, safe):
+    # As for base weights: a non-finite factor would make every embedding NaN.
+    from mst5_jax.inference.encoder import SentenceEncoder
+
+    adapter, fname, name = _poisoned_adapter(tiny_hf_model_dir, tmp_path, bad, safe)
+    with pytest.raises(CheckpointError, match=rf"{fname}: tensor {re.escape(name)} contains NaN or Inf"):
+        SentenceEncoder.from_pretrained(tiny_hf_model_dir, adapter=adapter)
+
+
+# ---------------------------------------------------------------------------- safetensors headers
+def _st_file(path, header, data: bytes, length=None):
+    blob = json.dumps(header).encode()
+    path.write_bytes(struct.pack("<Q", len(blob) if length is None else length) + blob + data)
+    return path
+
+
+F32x2 = {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}
+# name -> (header, data bytes, header length override, what our message must say)
+BAD_HEADERS = {
+    "huge_length": ({"a": F32x2}, bytes(8), 1 << 62, r"header length 4611686018427387904 exceeds the \d+ bytes"),
+    "shorter_than_8_bytes": (None, b"\x05\x00", None, r"not a safetensors file \(2 bytes"),
+    "not_json": (None, b"{not json", 9, "the header is not JSON"),
+    "header_is_a_list": ([1, 2], b"", None, "header is a JSON list, expected an object"),
+    "entry_not_a_dict": ({"a": 5}, b"", None, "tensor a: header entry is a int, expected an object"),
+    "entry_without_offsets": ({"a": {"dtype": "F32", "shape": [2]}}, bytes(8), None,
+                              "tensor a: header entry has no data_offsets"),
+    "unknown_dtype": ({"a": {**F32x2, "dtype": "F33"}}, bytes(8), None, "tensor a: unsupported dtype 'F33'"),
+    "negative_shape": ({"a": {**F32x2, "shape": [-2]}}, bytes(8), None, r"tensor a: shape \[-2\] is not a list"),
+    "offsets_not_two_ints": ({"a": {**F32x2, "data_offsets": [0, "8"]}}, bytes(8), None,
+                             r"tensor a: data_offsets \[0, '8'\] is not \[begin, end\]"),
+    "size_not_dtype_times_shape": ({"a": {**F32x2, "shape": [3]}}, bytes(8), None,
+                                   r"tensor a: data_offsets \[0, 8\] hold 8 bytes, but dtype F32 x shape \[3\] needs 12"),
+    "overlap": ({"a": F32x2, "b": {**F32x2, "data_offsets": [4, 12]}}, bytes(12), None,
+                "tensor b .* overlaps tensor a"),
+    "beyond_the_file": ({"a": F32x2, "b": {**F32x2, "data_offsets": [8, 16]}}, bytes(12), None,
+                        "truncated: tensor b ends at byte"),
+    "gap": ({"a": F32x2, "b": {**F32x2, "data_offsets": [12, 20]}}, bytes(20), None,
+            "4 unaccounted bytes before tensor b"),
+    "trailing_bytes": ({"a": F32x2}, bytes(12), None, "4 bytes after the last tensor"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_HEADERS))
+def test_safetensors_bad_header_is_refused_like_the_library(tmp_path, case):
+    from safetensors import safe_open
+
+    from mst5_jax.formats.safetensors import SafetensorsFile
+
+    header, data, length, message = BAD_HEADERS[case]
+    f = tmp_path / "w.safetensors"
+    if header is None:
+        f.write_bytes(data if length is None else struct.pack("<Q", length) + data)
+    else:
+        _st_file(f, header, data, length)
+    with pytest.raises(Exception):  # the reference: the safetensors library refuses the file too
+        with safe_open(str(f), framework="numpy") as g:
+            [g.get_tensor(k) for k in g.keys()]
+    with pytest.raises(CheckpointError, match=rf"^{re.escape(str(f))}: .*{message}"):
+        SafetensorsFile(f)
+
+
+def test_safetensors_valid_crafted_file_reads_like_the_library(tmp_path):
+    from safetensors import safe_open
+
+    from mst5_jax.formats.safetensors import SafetensorsFile
+
+    a, b = np.arange(6, dtype=np.float32).reshape(2, 3), np.array([7, -1], np.int64)
+    # Stored in the opposite order of the header, and with an empty tensor: both are legal.
+    header = {"a": {"dtype": "F32", "shape": [2, 3], "data_offsets": [16, 40]},
+              "b": {"dtype": "I64", "shape": [2], "data_offsets": [0, 16]},
+              "e": {"dtype": "F16", "shape": [0, 4], "data_offsets": [40, 40]}, "__metadata__": {"format": "pt"}}
+    f = _st_file(tmp_path / "ok.safetensors", header, b.tobytes() + a.tobytes())
+    with safe_open(str(f), framework="numpy") as g:
+        ref = {k: g.get_tensor(k) for k in g.keys()}
+    ours = SafetensorsFile(f)
+    try:
+        assert sorted(ours.keys()) == sorted(ref) and ours.metadata == {"format": "pt"}
+        for k, v in ref.items():
+            assert ours.get(k).dtype == v.dtype
+            np.testing.assert_array_equal(ours.get(k), v)
+    finally:
+        ours.close()
+
+
+def test_safetensors_bad_header_through_the_loader_names_the_file(tiny_hf_model_dir, tmp_path):
+    from mst5_jax.inference.encoder import SentenceEncoder
+
+    d = _copy_model(tiny_hf_model_dir, tmp_path / "m")
+    raw = (d / "model.safetensors").read_bytes()
+    (d / "model.safetensors").write_bytes(struct.pack("<Q", 1 << 40) + raw[8:])
+    with pytest.raises(CheckpointError, match=r"model.safetensors: not a safetensors file: the header length"):
+        SentenceEncoder.from_pretrained(d)
+
+
+# ---------------------------------------------------------------------------- config.json types
+CONFIG_TYPES = {
+    "d_model": ("32", r'"d_model" is "32" \(str\); expected a positive integer'),
+    "num_layers": (True, r'"num_layers" is true \(bool\); expected a positive integer'),
+    "vocab_size": (300.5, r'"vocab_size" is 300.5 \(float\); expected a positive integer'),
+    "layer_norm_epsilon": ("1e-6", r'"layer_norm_epsilon" is "1e-6" \(str\); expected a positive number'),
+    "feed_forward_proj": (["gated-gelu"], r'"feed_forward_proj" is \["gated-gelu"\] \(list\); expected a string'),
+    "mst5_jax": ({"normalize": "yes"}, r'"mst5_jax.normalize" is "yes" \(str\); expected true or false'),
+}
+
+
+@pytest.mark.parametrize("key", sorted(CONFIG_TYPES))
+def test_config_json_wrong_type_names_the_key(tiny_hf_model_dir, tmp_path, key):
+    from mst5_jax.core.config import ConfigError
+    from mst5_jax.inference.encoder import SentenceEncoder
+
+    d = _copy_model(tiny_hf_model_dir, tmp_path / "m")
+    value, message = CONFIG_TYPES[key]
+    cfg = json.loads((d / "config.json").read_text())
+    cfg[key] = value
+    (d / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ConfigError, match=rf"{re.escape(str(d / 'config.json'))}: {message}"):
+        SentenceEncoder.from_pretrained(d)
+
+
+def test_config_json_not_an_object(tiny_hf_model_dir, tmp_path):
+    from mst5_jax.core.config import ConfigError
+    from mst5_jax.inference.encoder import SentenceEncoder
+
+    d = _copy_model(tiny_hf_model_dir, tmp_path / "m")
+    (d / "config.json").write_text("[1, 2]")
+    with pytest.raises(ConfigError, match=r"config.json: a JSON list, expected an object"):
+        SentenceEncoder.from_pretrained(d)
+
+
+# ---------------------------------------------------------------------------- the same, through a CLI
+def _cli_case(kind, tiny_hf_model_dir, tmp_path):
+    """(model dir, adapter or None, what stderr must name) for one bad-input case."""
+    d = _copy_model(tiny_hf_model_dir, tmp_path / "m")
+    if kind == "config_type":
+        cfg = json.loads((d / "config.json").read_text())
+        cfg["d_model"] = "32"
+        (d / "config.json").write_text(json.dumps(cfg))
+        return d, None, r'config.json: "d_model" is "32" \(str\); expected a positive integer'
+    if kind == "safetensors_header":
+        raw = (d / "model.safetensors").read_bytes()
+        (d / "model.safetensors").write_bytes(struct.pack("<Q", 1 << 62) + raw[8:])
+        return d, None, r"model.safetensors: not a safetensors file: the header length \d+ exceeds"
+    adapter, fname, name = _poisoned_adapter(tiny_hf_model_dir, tmp_path, np.nan, True)
+    return d, adapter, rf"{fname}: tensor {re.escape(name)} contains NaN or Inf"
+
+
+@pytest.mark.parametrize("kind", ["config_type", "safetensors_header", "adapter_nan"])
+def test_cli_bad_weights_or_config_one_line_no_traceback(tiny_hf_model_dir, tmp_path, kind):
+    import os
+    import subprocess
+    import sys
+
+    model, adapter, message = _cli_case(kind, tiny_hf_model_dir, tmp_path)
+    (tmp_path / "in.txt").write_text("hello\nworld\n", encoding="utf-8")
+    args = ["--model", str(model), "--input", str(tmp_path / "in.txt"), "--output", str(tmp_path / "out.npy")]
+    if adapter is not None:
+        args += ["--adapter", str(adapter)]
+    repo = pathlib.Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHONPATH": str(repo), "XLA_FLAGS": "--xla_force_host_platform_device_count=1"}
+    proc = subprocess.run([sys.executable, "-m", "mst5_jax.encode", *args], cwd=repo, env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode != 0
+    assert "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    assert re.search(message, proc.stderr), proc.stderr[-2000:]
+    assert not (tmp_path / "out.npy").exists()
 
 
 def test_weights_missing_config(tiny_hf_model_dir, tmp_path):

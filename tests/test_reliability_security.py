@@ -196,8 +196,8 @@ def test_hub_cache_link_into_another_repository_is_refused(tmp_path):
 
 
 # ------------------------------------------------------------------------- integrated loaders
-# NEED the proposed edits (checkpoints.weight_files, encode.from_pretrained, tokenizer,
-# lora.load_peft_adapter call mst5_jax.utils.safety).
+# The loaders apply the policy: formats.huggingface.weight_files, SentenceEncoder.from_pretrained,
+# formats.tokenizer and formats.peft.load_peft_adapter all call mst5_jax.utils.safety.
 def test_loader_refuses_weights_symlinked_outside(tiny_hf_model_dir, tmp_path):
     from mst5_jax.inference.encoder import SentenceEncoder
 

@@ -187,3 +187,33 @@ def test_quantize_matches_sentence_transformers(st5_dir, sentences):
         assert got.shape == (len(sentences), width), precision
         src = emb if precision.endswith("int8") else ref  # int8 bins are 1/255 of the range: same input
         np.testing.assert_array_equal(got, quantize_embeddings(src, precision=precision), err_msg=precision)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize("fmt", ["hf", "sentence-transformers"])
+def test_save_with_merge_leaves_every_kernel_bit_identical(tiny_hf_model_dir, tmp_path, fmt, dtype):
+    """Saving merged writes peft's merged weights and leaves the encoder's own kernels, bit for bit."""
+    import peft
+    import transformers
+    from flax import nnx
+    from safetensors.numpy import load_file
+
+    base = transformers.MT5EncoderModel.from_pretrained(tiny_hf_model_dir).float().eval()
+    torch.manual_seed(3)
+    pm = peft.get_peft_model(base, peft.LoraConfig(r=2, target_modules=["q", "wo"], init_lora_weights=False)).eval()
+    pm.save_pretrained(tmp_path / "adapter")
+    enc = SentenceEncoder.from_pretrained(tiny_hf_model_dir, adapter=tmp_path / "adapter", dtype=dtype)
+
+    def bits():
+        return {p: np.asarray(v.get_value()).view(np.uint8).copy() for p, v in nnx.to_flat_state(nnx.state(enc.model))}
+
+    before = bits()
+    out = enc.save_pretrained(tmp_path / "out", format=fmt)
+    after = bits()
+    assert after.keys() == before.keys()
+    for p in before:
+        np.testing.assert_array_equal(after[p], before[p], err_msg="/".join(map(str, p)))
+    name = "encoder.block.1.layer.1.DenseReluDense.wo.weight"
+    saved = load_file(str(out / "model.safetensors"))[name].astype(np.float32)
+    want = pm.merge_and_unload().state_dict()[name].numpy()
+    assert rel_err(saved, want) <= (1e-6 if dtype == "float32" else 1e-2)  # bf16 keeps 8 mantissa bits

@@ -24,6 +24,10 @@ MT5_VOCAB = 250_112
 T5_VOCAB = 32_128
 
 
+class ConfigError(ValueError):
+    """A `config.json` that cannot describe a T5-family encoder; the message names the file and key."""
+
+
 @dataclasses.dataclass(frozen=True)
 class EncoderConfig:
     """Architecture and numerics of a T5-family encoder.
@@ -132,19 +136,24 @@ class EncoderConfig:
     # ------------------------------------------------------------------ HF interop
     @classmethod
     def from_hf_dict(cls, hf: dict, source: str = "config.json", **overrides: Any) -> "EncoderConfig":
-        """Reads a transformers T5/MT5 `config.json` dict; refuses other architectures."""
+        """Reads a transformers T5/MT5 `config.json` dict; refuses other architectures.
+
+        Every key this reads is type-checked first; an error names `source` and the key,
+        e.g. `config.json: "d_model" is "32" (str); expected a positive integer`.
+        """
+        _check_hf_types(hf, source)
         model_type = hf.get("model_type")
         if model_type not in ("t5", "mt5", "umt5"):
-            raise ValueError(f"{source}: model_type={model_type!r} is not a T5-family encoder (expected t5 or mt5)")
+            raise ConfigError(f"{source}: model_type={model_type!r} is not a T5-family encoder (expected t5 or mt5)")
         if model_type == "umt5":
-            raise ValueError(f"{source}: umT5 has a per-layer position bias, which this encoder does not implement")
+            raise ConfigError(f"{source}: umT5 has a per-layer position bias, which this encoder does not implement")
         missing = [k for k in ("d_model", "d_ff", "num_heads", "d_kv", "num_layers", "vocab_size") if k not in hf]
         if missing:
-            raise ValueError(f"{source}: missing keys {missing}")
+            raise ConfigError(f"{source}: missing keys {missing}")
         ff = hf.get("feed_forward_proj", "relu")
         act = ff.split("-")[-1]
         if act not in ("relu", "gelu"):
-            raise ValueError(f"{source}: feed_forward_proj={ff!r} is not supported (relu, gated-gelu)")
+            raise ConfigError(f"{source}: feed_forward_proj={ff!r} is not supported (relu, gated-gelu)")
         kw = dict(
             vocab_size=hf["vocab_size"],
             d_model=hf["d_model"],
@@ -165,7 +174,10 @@ class EncoderConfig:
             if k in mst5:
                 kw[k] = mst5[k]
         kw.update(overrides)
-        return cls(**kw)
+        try:
+            return cls(**kw)
+        except ValueError as e:  # a value of the right type but out of range, e.g. pooling="avg"
+            raise ConfigError(f"{source}: {e}") from e
 
     @classmethod
     def from_hf_json(cls, path: str | os.PathLike, **overrides: Any) -> "EncoderConfig":
@@ -173,7 +185,7 @@ class EncoderConfig:
             try:
                 hf = json.load(f)
             except json.JSONDecodeError as e:
-                raise ValueError(f"{path}: not valid JSON ({e})") from e
+                raise ConfigError(f"{path}: not valid JSON ({e})") from e
         return cls.from_hf_dict(hf, source=str(path), **overrides)
 
     def to_hf_dict(self) -> dict:
@@ -204,6 +216,45 @@ class EncoderConfig:
             "use_cache": False,
             "mst5_jax": {"pooling": self.pooling, "projection_dim": self.projection_dim, "normalize": self.normalize},
         }
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+# config.json key -> (check, what was expected). JSON numbers arrive as int or float, and a
+# bool is not a number here even though Python's bool subclasses int.
+_HF_TYPES: dict[str, tuple[Any, str]] = {
+    **{k: (lambda v: _is_int(v) and v > 0, "a positive integer")
+       for k in ("vocab_size", "d_model", "d_ff", "num_heads", "d_kv", "num_layers",
+                 "relative_attention_num_buckets", "relative_attention_max_distance")},
+    **{k: (lambda v: v is None or (_is_int(v) and v >= 0), "a non-negative integer or null")
+       for k in ("pad_token_id", "eos_token_id")},
+    "layer_norm_epsilon": (lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0,
+                           "a positive number"),
+    "model_type": (lambda v: isinstance(v, str), "a string"),
+    "feed_forward_proj": (lambda v: isinstance(v, str), "a string such as \"gated-gelu\" or \"relu\""),
+    "_name_or_path": (lambda v: v is None or isinstance(v, str), "a string"),
+    "mst5_jax": (lambda v: isinstance(v, dict), "an object"),
+}
+_MST5_TYPES: dict[str, tuple[Any, str]] = {
+    "pooling": (lambda v: isinstance(v, str), "a string"),
+    "projection_dim": (lambda v: v is None or (_is_int(v) and v > 0), "a positive integer or null"),
+    "normalize": (lambda v: isinstance(v, bool), "true or false"),
+}
+
+
+def _check_hf_types(hf: Any, source: str) -> None:
+    """Raises ValueError naming `source` and the first key whose JSON type is wrong."""
+    if not isinstance(hf, dict):
+        raise ConfigError(f"{source}: a JSON {type(hf).__name__}, expected an object of config keys")
+    for table, where, d in ((_HF_TYPES, "", hf), (_MST5_TYPES, "mst5_jax.", hf.get("mst5_jax"))):
+        if not isinstance(d, dict):
+            continue
+        for key, (ok, expected) in table.items():
+            if key in d and not ok(d[key]):
+                raise ConfigError(f"{source}: \"{where}{key}\" is {json.dumps(d[key])} ({type(d[key]).__name__}); "
+                                 f"expected {expected}")
 
 
 def _mt5(d_model, d_ff, heads, layers):

@@ -1,7 +1,7 @@
 """Hugging Face checkpoints in and out: safetensors (single or sharded) and pytorch_model.bin.
 
-Import streams one tensor at a time: safetensors files are memory-mapped and parsed here
-(no torch needed, bf16 included); `.bin` files go through
+Import streams one tensor at a time: safetensors files are memory-mapped and validated by
+`mst5_jax.formats.safetensors` (no torch needed, bf16 included); `.bin` files go through
 `torch.load(mmap=True, weights_only=True)`. Each target parameter is assembled on the host
 in its final dtype (per-layer tensors written into one stacked buffer), placed on its
 devices with its sharding, and released before the next one, so a 51.7 GB fp32 mt5-xxl
@@ -32,10 +32,8 @@ import functools
 import itertools
 import json
 import logging
-import mmap
 import os
 import pathlib
-import struct
 from typing import Any, Callable, Iterator, Optional
 
 import jax
@@ -45,8 +43,10 @@ import numpy as np
 from flax import nnx
 
 from mst5_jax.core.config import EncoderConfig
+from mst5_jax.core.lora import linear_modules
 from mst5_jax.core.model import SentenceModel, abstract_model, path_str
-from mst5_jax.utils.files import atomic_write
+from mst5_jax.formats.safetensors import CheckpointError, SafetensorsFile, write_safetensors
+from mst5_jax.utils import safety
 
 log = logging.getLogger(__name__)
 
@@ -58,17 +58,6 @@ TORCH_BIN_INDEX = "pytorch_model.bin.index.json"
 # ignores it (an unexpected key); `SentenceEncoder.from_pretrained` reads it when the config
 # has `mst5_jax.projection_dim`.
 PROJECTION = "projection.weight"
-
-_ST_DTYPES = {
-    "F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": ml_dtypes.bfloat16,
-    "I64": np.int64, "I32": np.int32, "I16": np.int16, "I8": np.int8, "U8": np.uint8, "BOOL": np.bool_,
-}
-_ST_NAMES = {np.dtype(v): k for k, v in _ST_DTYPES.items()}
-
-
-class CheckpointError(ValueError):
-    """A checkpoint file is missing, malformed, or does not match the config."""
-
 
 # ---------------------------------------------------------------------- locating files
 def resolve_model_dir(path: str | os.PathLike, allow_patterns: Optional[list[str]] = None) -> pathlib.Path:
@@ -94,8 +83,6 @@ def weight_files(model_dir: pathlib.Path) -> tuple[str, list[pathlib.Path]]:
 
     Every file must resolve inside `model_dir` or its hub cache repository (symlink policy,
     `mst5_jax.utils.safety`)."""
-    from mst5_jax.utils import safety
-
     kind, files = _weight_files(model_dir)
     for f in files:
         safety.resolve_inside(f, model_dir)
@@ -129,64 +116,6 @@ def _weight_files(model_dir: pathlib.Path) -> tuple[str, list[pathlib.Path]]:
 
 
 # ---------------------------------------------------------------------- tensor readers
-class SafetensorsFile:
-    """A memory-mapped safetensors file; `get(name)` returns a zero-copy numpy view."""
-
-    def __init__(self, path: pathlib.Path):
-        self.path = path
-        self._file = open(path, "rb")
-        try:
-            (n,) = struct.unpack("<Q", self._file.read(8))
-            header = json.loads(self._file.read(n))
-        except (struct.error, json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise CheckpointError(f"{path}: not a safetensors file ({e})") from e
-        header.pop("__metadata__", None)
-        self.header = header
-        self._offset = 8 + n
-        size = os.path.getsize(path)
-        for name, info in header.items():
-            end = self._offset + int(info["data_offsets"][1])
-            if end > size:
-                self._file.close()
-                raise CheckpointError(f"{path}: truncated: tensor {name} ends at byte {end}, the file has {size}")
-        self._mmap = mmap.mmap(self._file.fileno(), 0, access=mmap.ACCESS_READ) if os.path.getsize(path) else None
-
-    def keys(self) -> list[str]:
-        return list(self.header)
-
-    def get(self, name: str) -> np.ndarray:
-        info = self.header[name]
-        if info["dtype"] not in _ST_DTYPES:
-            raise CheckpointError(f"{self.path}: tensor {name} has unsupported dtype {info['dtype']}")
-        begin, end = info["data_offsets"]
-        dtype = np.dtype(_ST_DTYPES[info["dtype"]])
-        count = int(np.prod(info["shape"])) if info["shape"] else 1
-        if end - begin != count * dtype.itemsize:
-            raise CheckpointError(f"{self.path}: tensor {name} byte size does not match shape {info['shape']}")
-        arr = np.frombuffer(self._mmap, dtype=dtype, count=count, offset=self._offset + begin)
-        return arr.reshape(info["shape"])
-
-    def release(self, name: str) -> None:
-        """Drops the pages of one tensor from memory (they are re-read from disk if needed)."""
-        if self._mmap is None or not hasattr(mmap, "MADV_DONTNEED"):
-            return
-        begin, end = self.header[name]["data_offsets"]
-        page = mmap.PAGESIZE
-        start = (self._offset + begin) // page * page
-        try:
-            self._mmap.madvise(mmap.MADV_DONTNEED, start, self._offset + end - start)
-        except (OSError, ValueError):
-            pass
-
-    def close(self):
-        if self._mmap is not None:
-            try:
-                self._mmap.close()
-            except BufferError:  # a view is still referenced (e.g. by a traceback); GC unmaps it
-                pass
-        self._file.close()
-
-
 class TensorSource:
     """Random access to the tensors of an HF weights directory, one tensor at a time."""
 
@@ -243,11 +172,12 @@ class TensorSource:
 
 
 # ---------------------------------------------------------------------- name mapping
-_FFN_NAMES = ("wi", "wi_0", "wi_1", "wo")
-
-
 def hf_names(cfg: EncoderConfig) -> dict[str, list[tuple[str, bool]]]:
-    """Parameter path -> list of (HF tensor name, transpose), one per layer for stacked params."""
+    """Parameter path -> list of (HF tensor name, transpose), one per layer for stacked params.
+
+    The kernels' names are the HF module names of `mst5_jax.core.lora.linear_modules` plus
+    `.weight` (the names peft adapters refer to, `mst5_jax.formats.peft`).
+    """
     layers = range(cfg.num_layers)
     blk = "encoder.block.{}.layer.{}"
     m: dict[str, list[tuple[str, bool]]] = {
@@ -257,11 +187,8 @@ def hf_names(cfg: EncoderConfig) -> dict[str, list[tuple[str, bool]]]:
         "encoder/layers/attention_norm/scale": [(blk.format(i, 0) + ".layer_norm.weight", False) for i in layers],
         "encoder/layers/mlp_norm/scale": [(blk.format(i, 1) + ".layer_norm.weight", False) for i in layers],
     }
-    for p in "qkvo":
-        m[f"encoder/layers/attention/{p}/kernel"] = [
-            (blk.format(i, 0) + f".SelfAttention.{p}.weight", True) for i in layers]
-    for f in (("wi_0", "wi_1", "wo") if cfg.gated else ("wi", "wo")):
-        m[f"encoder/layers/mlp/{f}/kernel"] = [(blk.format(i, 1) + f".DenseReluDense.{f}.weight", True) for i in layers]
+    for path, (modules, _, _) in linear_modules(cfg).items():
+        m[f"{path}/kernel"] = [(f"{name}.weight", True) for name in modules]
     return m
 
 
@@ -447,30 +374,6 @@ def hf_state_dict(model: SentenceModel, dtype: Optional[str] = None) -> Iterator
         stacked = len(entries) > 1 or name.startswith("encoder/layers/")
         for i, (tname, _) in enumerate(entries):
             yield tname, value[i] if stacked else value
-
-
-def write_safetensors(path: str | os.PathLike, tensors: Iterator[tuple[str, np.ndarray]],
-                      metadata: Optional[dict[str, str]] = None) -> None:
-    """Writes a safetensors file atomically (temporary file, fsync, rename)."""
-    path = pathlib.Path(path)
-    items = list(tensors)
-    header: dict[str, Any] = {}
-    offset = 0
-    for name, arr in items:
-        if np.dtype(arr.dtype) not in _ST_NAMES:
-            raise CheckpointError(f"cannot write tensor {name} of dtype {arr.dtype} to safetensors")
-        header[name] = {"dtype": _ST_NAMES[np.dtype(arr.dtype)], "shape": list(arr.shape),
-                        "data_offsets": [offset, offset + arr.nbytes]}
-        offset += arr.nbytes
-    if metadata:
-        header["__metadata__"] = metadata
-    blob = json.dumps(header, separators=(",", ":")).encode()
-    blob += b" " * (-len(blob) % 8)
-    with atomic_write(path, "wb") as f:
-        f.write(struct.pack("<Q", len(blob)))
-        f.write(blob)
-        for _, arr in items:
-            f.write(np.ascontiguousarray(arr).tobytes())
 
 
 def save_hf(model: SentenceModel, out_dir: str | os.PathLike, dtype: Optional[str] = None) -> pathlib.Path:

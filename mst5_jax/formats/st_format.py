@@ -35,9 +35,11 @@ import jax
 import numpy as np
 from flax import nnx
 
-from mst5_jax.formats import huggingface
+from mst5_jax.core import lora
 from mst5_jax.core.config import EncoderConfig
 from mst5_jax.core.model import Linear, SentenceModel
+from mst5_jax.formats import huggingface
+from mst5_jax.formats.safetensors import write_safetensors
 
 log = logging.getLogger(__name__)
 
@@ -214,7 +216,8 @@ def save(encoder, out_dir: str | os.PathLike, *, merge_lora: bool = True, max_se
 
     The Transformer module sits in the root (config.json, model.safetensors, tokenizer
     files), followed by Pooling, a Dense when the model has a projection, and Normalize
-    when `config.normalize` is set. LoRA is merged into the written weights.
+    when `config.normalize` is set. LoRA is merged into the written weights, and the
+    encoder's own kernels are left bit-identical (`mst5_jax.core.lora.merged`).
 
     Args:
       encoder: a `SentenceEncoder`.
@@ -226,24 +229,11 @@ def save(encoder, out_dir: str | os.PathLike, *, merge_lora: bool = True, max_se
     """
     out = pathlib.Path(out_dir)
     model: SentenceModel = encoder.model
-    if encoder._has_lora():
-        if not merge_lora:
-            raise ValueError("the sentence-transformers format stores merged weights; pass merge_lora=True, or save "
-                             "format='hf' with merge_lora=False to keep the adapter separate")
-        from mst5_jax.core import lora
-
-        # Keep the original kernels (immutable arrays, so no copy): float32 unmerge subtracts
-        # the delta again, which is not bit-exact, and the encoder must be left unchanged.
-        kernels = {p: m.kernel.get_value() for p, m in lora.lora_modules(model).items()}
-        lora.merge(model)
-        try:
-            return _write(encoder, out, max_seq_length, dtype)
-        finally:
-            lora.unmerge(model)
-            mods = lora.lora_modules(model)
-            for p, k in kernels.items():
-                mods[p].kernel.set_value(k)
-    return _write(encoder, out, max_seq_length, dtype)
+    if lora.has_lora(model) and not merge_lora:
+        raise ValueError("the sentence-transformers format stores merged weights; pass merge_lora=True, or save "
+                         "format='hf' with merge_lora=False to keep the adapter separate")
+    with lora.merged(model):  # the encoder's kernels come back bit-identical
+        return _write(encoder, out, max_seq_length, dtype)
 
 
 def _write(encoder, out: pathlib.Path, max_seq_length: int, dtype: Optional[str]) -> pathlib.Path:
@@ -253,8 +243,7 @@ def _write(encoder, out: pathlib.Path, max_seq_length: int, dtype: Optional[str]
     hf = cfg.replace(projection_dim=None, normalize=False).to_hf_dict()
     hf["torch_dtype"] = dtype or cfg.param_dtype
     (out / "config.json").write_text(json.dumps(hf, indent=2) + "\n")
-    huggingface.write_safetensors(out / huggingface.SAFETENSORS, huggingface.hf_state_dict(model, dtype),
-                                  metadata={"format": "pt"})
+    write_safetensors(out / huggingface.SAFETENSORS, huggingface.hf_state_dict(model, dtype), metadata={"format": "pt"})
     encoder.tokenizer.save(out)
     _write_json(out / ST_CONFIG, {"max_seq_length": int(max_seq_length), "do_lower_case": False})
     modules = [{"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"}]
@@ -277,8 +266,7 @@ def _write(encoder, out: pathlib.Path, max_seq_length: int, dtype: Optional[str]
             import ml_dtypes
 
             weight = weight.astype(ml_dtypes.bfloat16)
-        huggingface.write_safetensors(dense_dir / huggingface.SAFETENSORS, iter([(DENSE_WEIGHT, weight)]),
-                                      metadata={"format": "pt"})
+        write_safetensors(dense_dir / huggingface.SAFETENSORS, iter([(DENSE_WEIGHT, weight)]), metadata={"format": "pt"})
         modules.append({"idx": 2, "name": "2", "path": "2_Dense", "type": "sentence_transformers.models.Dense"})
     if cfg.normalize:
         idx = len(modules)

@@ -30,11 +30,17 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from mst5_jax.formats import huggingface
-from mst5_jax.core.config import EncoderConfig
+from mst5_jax.core import lora
+from mst5_jax.core.config import ConfigError, EncoderConfig
 from mst5_jax.core.model import SentenceModel
+from mst5_jax.formats import huggingface, peft
+from mst5_jax.utils import safety
 
 log = logging.getLogger(__name__)
+
+# What `SentenceEncoder.from_pretrained` raises for a bad model, adapter or config.json (user
+# input, not a bug); each names the file and what was wrong, so CLIs print it without a traceback.
+LOAD_ERRORS = (huggingface.CheckpointError, lora.LoRAError, ConfigError, safety.UnsafePathError)
 
 MIN_BUCKET = 16
 TOKENS_PER_SENTENCE = 128   # default token budget per batch = batch_size * this
@@ -158,8 +164,6 @@ class SentenceEncoder:
             model, tok = run_checkpoints.load_run_model(p, step=step, dtype=dtype, param_dtype=param_dtype)
             return cls(model, tok, source=str(p), devices=devices)
         model_dir = huggingface.resolve_model_dir(path)
-        from mst5_jax.utils import safety
-
         safety.check_tree(model_dir)  # symlinks only inside model_dir or its hub cache repo
         if (model_dir / "modules.json").is_file():
             from mst5_jax.formats import st_format
@@ -174,10 +178,8 @@ class SentenceEncoder:
             model = huggingface.load_hf_weights(model_dir, cfg, extra=extra)
             tok = Tokenizer.from_pretrained(model_dir)
         if adapter is not None:
-            from mst5_jax.core import lora
-
             adapter_dir = huggingface.resolve_model_dir(adapter, allow_patterns=["adapter_*"])
-            lora.load_peft_adapter(model, adapter_dir)
+            peft.load_peft_adapter(model, adapter_dir)
         return cls(model, tok, source=str(model_dir), adapter=None if adapter is None else str(adapter),
                    devices=devices)
 
@@ -370,7 +372,8 @@ class SentenceEncoder:
                         dtype: Optional[str] = None) -> pathlib.Path:
         """Writes an HF directory (`format="hf"`) or a sentence-transformers one.
 
-        With LoRA and `merge_lora=True` the adapter is folded into the saved weights; with
+        With LoRA and `merge_lora=True` the adapter is folded into the saved weights (the
+        in-memory model is left bit-identical, `mst5_jax.core.lora.merged`); with
         `merge_lora=False` the base goes to `out_dir` and the adapter to
         `out_dir/adapter` as a PEFT directory.
         """
@@ -381,28 +384,14 @@ class SentenceEncoder:
             return st_format.save(self, out, merge_lora=merge_lora)
         if format != "hf":
             raise ValueError(f"format={format!r}: expected 'hf' or 'sentence-transformers'")
-        has_lora = self._has_lora()
-        if has_lora:
-            from mst5_jax.core import lora
-
-            if merge_lora:
-                lora.merge(self.model)
-                try:
-                    huggingface.save_hf(self.model, out, dtype=dtype)
-                finally:
-                    lora.unmerge(self.model)
-            else:
-                huggingface.save_hf(self.model, out, dtype=dtype)
-                lora.save_peft_adapter(self.model, out / "adapter", base_model_name_or_path=str(out))
-        else:
+        if lora.has_lora(self.model) and not merge_lora:
             huggingface.save_hf(self.model, out, dtype=dtype)
+            peft.save_peft_adapter(self.model, out / "adapter", base_model_name_or_path=str(out))
+        else:
+            with lora.merged(self.model) as model:
+                huggingface.save_hf(model, out, dtype=dtype)
         self.tokenizer.save(out)
         return out
-
-    def _has_lora(self) -> bool:
-        from mst5_jax.core.model import LoRAParam
-
-        return len(nnx.to_flat_state(nnx.state(self.model, LoRAParam))) > 0
 
 
 def quantize(emb: np.ndarray, precision: str, ranges: Optional[np.ndarray] = None) -> np.ndarray:
