@@ -9,6 +9,11 @@ work folder, then runs one worker per configuration:
 
     python benchmarks/_bench_jax.py TASK --spec WORK/spec.json --job JOB.json --rows OUT/gpu_bench.jsonl
 
+Both workers implement one entry, `run(task: str, spec: dict, job: dict, rows: RowWriter)`,
+which `worker_main` calls; `TASKS` names what each accepts. A worker imports `mst5_jax`
+(the JAX side): the package must be installed or the repository root on PYTHONPATH
+(`gpu_bench.py` puts it there for its workers; the GPU machine has no pip install).
+
 A worker appends one JSON object per result row to the rows file, flushing after each
 (`RowWriter`), so rows survive a worker that is killed later. An out-of-memory error is
 caught and written as a row with status "OOM at <batch>"; anything else is a row with
@@ -165,8 +170,12 @@ def timed_loop(run_once: Callable[[], Any], sync: Callable[[Any], None], iters: 
 
 
 def fwd_task(spec: dict, name: str, side: str, ids, rows: RowWriter, load_s: float,
-             parity: Callable[[], dict], encode: Callable[[np.ndarray], tuple]) -> None:
-    """The two parts of a `fwd` task, each guarded, on either side.
+             parity: Callable[[], dict], encode: Callable[[np.ndarray], tuple],
+             parts: tuple[str, ...] = ("parity", "encode")) -> None:
+    """The parts of a `fwd` task ("parity", "encode"), each guarded, on either side.
+
+    The suite runs each part in its own worker, so an encode row's peak memory is the
+    encode's (weights + activations), not a parity backward pass's.
 
     `parity()` returns the arrays the parent compares ("embeddings" [P, d], "loss", and
     the LoRA gradients "q.lora_A" [L, r, in], "q.lora_B" [L, out, r], ... in peft's
@@ -182,8 +191,11 @@ def fwd_task(spec: dict, name: str, side: str, ids, rows: RowWriter, load_s: flo
         rows.write(section="parity-arrays", side=side, model=name, config=f"{name} parity arrays", status="ok",
                    notes=str(out), load_s=load_s)
 
-    guarded(rows, f"{ids[f'parity_sent_{name}'].shape[0]} sentences", save_parity,
-            section="parity-arrays", side=side, model=name, config=f"{name} parity arrays")
+    if "parity" in parts:
+        guarded(rows, f"{ids[f'parity_sent_{name}'].shape[0]} sentences", save_parity,
+                section="parity-arrays", side=side, model=name, config=f"{name} parity arrays")
+    if "encode" not in parts:
+        return
     enc = ids[f"encode_{name}"]
     b, length = enc.shape
     row = dict(section="encode", side=side, model=name, config=f"{name} {b}x{length}", kind="encode", batch=b,
@@ -199,7 +211,8 @@ def fwd_task(spec: dict, name: str, side: str, ids, rows: RowWriter, load_s: flo
 
 def worker_main(doc: str, tasks: dict[str, Callable], device_info: Callable[[], dict],
                 setup: Optional[Callable[[dict], None]] = None) -> int:
-    """Command line of a worker: `TASK --spec S --job JSON --rows R`; runs one task."""
+    """Command line of a worker: `TASK --spec S --job JSON --rows R`; runs one task
+    through `tasks[TASK](spec, job, rows)` (a worker's `run` dispatches the same way)."""
     import argparse
 
     ap = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)

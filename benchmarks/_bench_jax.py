@@ -9,6 +9,9 @@ Everything runs through the project's own code: `load_hf_weights` + `load_peft_a
 read the shared safetensors, `loss_and_grads` / `make_train_step` are the training step
 (`init_train_state`: fp32 LoRA factors, bf16 frozen base, AdamW, state donated), and
 `SentenceEncoder.encode` is the public encoder.
+
+Imports `mst5_jax`: installed, or `PYTHONPATH=.` from the repository root (what
+`gpu_bench.py` sets for its workers; the GPU machine has no pip install).
 """
 from __future__ import annotations
 
@@ -21,9 +24,6 @@ import sys
 import time
 
 import numpy as np
-
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 
 import _bench_common as common  # noqa: E402
 from _bench_common import GIB, log  # noqa: E402
@@ -270,7 +270,7 @@ def task_fwd(spec: dict, job: dict, rows: common.RowWriter) -> None:
                                       spec["encode"]["iters"], spec["encode"]["repeats"])
         return sec, reps, first_s, peak_gib()
 
-    common.fwd_task(spec, name, "ours", ids, rows, load_s, parity, encode)
+    common.fwd_task(spec, name, "ours", ids, rows, load_s, parity, encode, tuple(job.get("parts", ("parity", "encode"))))
 
 
 # ---------------------------------------------------------------------- step
@@ -414,6 +414,11 @@ def task_e2e(spec: dict, job: dict, rows: common.RowWriter) -> None:
 
 
 TASKS = {"prep": task_prep, "fwd": task_fwd, "step": task_step, "e2e": task_e2e}
+
+
+def run(task: str, spec: dict, job: dict, rows: common.RowWriter) -> None:
+    """The worker protocol's one entry (see `_bench_common`)."""
+    TASKS[task](spec, job, rows)
 
 
 if __name__ == "__main__":

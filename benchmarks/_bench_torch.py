@@ -7,7 +7,9 @@ This is the PyTorch original as a user would run it: `from_pretrained` on the sh
 safetensors in bf16 (every weight bf16: transformers keeps `wo` in fp32 only for fp16),
 peft LoRA r=8 on q and v (alpha 16, dropout 0, adapters in fp32 as peft makes them),
 masked mean pooling in fp32, the contrastive loss written out below, `torch.optim.AdamW`.
-It imports nothing from mst5_jax.
+It imports nothing from mst5_jax. The attention implementation is the job's `attn`
+("sdpa", transformers' default, or "eager"); every row records the one the loaded model
+reports (`attn_implementation`).
 """
 from __future__ import annotations
 
@@ -18,8 +20,6 @@ import sys
 import time
 
 import numpy as np
-
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 
 import _bench_common as common  # noqa: E402
 from _bench_common import GIB, log  # noqa: E402
@@ -56,10 +56,11 @@ def reset_peak() -> None:
         torch.cuda.reset_peak_memory_stats()
 
 
-def load_model(wdir: pathlib.Path, adapter: str, checkpointing: bool = False):
+def load_model(wdir: pathlib.Path, adapter: str, checkpointing: bool = False, attn: str = "sdpa"):
     """MT5EncoderModel in bf16 from the shared folder; adapter "file" (the shared peft
-    adapter, trainable) or "fresh" (a new peft LoRA: A kaiming-uniform, B zero)."""
-    kw = dict(dtype=torch.bfloat16, output_loading_info=True)
+    adapter, trainable) or "fresh" (a new peft LoRA: A kaiming-uniform, B zero);
+    `attn` is transformers' attn_implementation ("sdpa" or "eager")."""
+    kw = dict(dtype=torch.bfloat16, output_loading_info=True, attn_implementation=attn)
     if DEV.type == "cuda":
         kw["device_map"] = "cuda"
     model, info = transformers.MT5EncoderModel.from_pretrained(str(wdir), **kw)
@@ -70,6 +71,8 @@ def load_model(wdir: pathlib.Path, adapter: str, checkpointing: bool = False):
     dtypes = {str(p.dtype) for p in model.parameters()}
     if dtypes != {"torch.bfloat16"}:
         raise RuntimeError(f"{wdir}: expected every base weight in bf16, got {dtypes}")
+    if model.config._attn_implementation != attn:
+        raise RuntimeError(f"asked for attn_implementation={attn!r}, got {model.config._attn_implementation!r}")
     if checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if adapter == "file":
@@ -114,7 +117,9 @@ def task_fwd(spec: dict, job: dict, rows: common.RowWriter) -> None:
     wdir = pathlib.Path(spec["weights_dir"][name])
     ids = np.load(spec["ids"])
     t0 = time.perf_counter()
-    model = load_model(wdir, adapter="file")
+    attn = job.get("attn", "sdpa")
+    model = load_model(wdir, adapter="file", attn=attn)
+    rows.common["attn_implementation"] = attn
     load_s = time.perf_counter() - t0
     log(f"loaded {name} in {load_s:.1f} s")
 
@@ -146,6 +151,7 @@ def task_fwd(spec: dict, job: dict, rows: common.RowWriter) -> None:
     def encode(enc: np.ndarray) -> tuple:
         base = model.merge_and_unload().eval()  # inference folds the adapter in
         x, m = as_tensors(enc)
+        reset_peak()
         with torch.inference_mode():
             t0 = time.perf_counter()
             embed(base, x, m)
@@ -158,7 +164,7 @@ def task_fwd(spec: dict, job: dict, rows: common.RowWriter) -> None:
                                           spec["encode"]["repeats"])
         return sec, reps, first_s, peak_gib()
 
-    common.fwd_task(spec, name, "ref", ids, rows, load_s, parity, encode)
+    common.fwd_task(spec, name, "ref", ids, rows, load_s, parity, encode, tuple(job.get("parts", ("parity", "encode"))))
 
 
 def matmul_row(spec: dict, rows: common.RowWriter) -> None:
@@ -179,15 +185,15 @@ def matmul_row(spec: dict, rows: common.RowWriter) -> None:
 
 # ---------------------------------------------------------------------- step
 def task_step(spec: dict, job: dict, rows: common.RowWriter) -> None:
-    name, ckpt = job["model"], bool(job.get("checkpointing"))
+    name, ckpt, attn = job["model"], bool(job.get("checkpointing")), job.get("attn", "sdpa")
     ids = np.load(spec["ids"])
     b, length = ids[f"{job['ids']}_anchor"].shape
     row = dict(section=job["section"], side="ref", model=name, config=job["config"], kind="train",
-               batch=b, length=length, remat="checkpointing" if ckpt else "none")
+               batch=b, length=length, remat="checkpointing" if ckpt else "none", attn_implementation=attn)
 
     def run():
         t0 = time.perf_counter()
-        model = load_model(pathlib.Path(spec["weights_dir"][name]), adapter="fresh", checkpointing=ckpt)
+        model = load_model(pathlib.Path(spec["weights_dir"][name]), adapter="fresh", checkpointing=ckpt, attn=attn)
         model.train()
         init_s = time.perf_counter() - t0
         params = [p for p in model.parameters() if p.requires_grad]
@@ -225,6 +231,11 @@ def task_step(spec: dict, job: dict, rows: common.RowWriter) -> None:
 
 
 TASKS = {"fwd": task_fwd, "step": task_step}
+
+
+def run(task: str, spec: dict, job: dict, rows: common.RowWriter) -> None:
+    """The worker protocol's one entry (see `_bench_common`)."""
+    TASKS[task](spec, job, rows)
 
 
 def setup(spec: dict) -> None:

@@ -4,6 +4,17 @@
     python benchmarks/gpu_bench.py --quick              # CPU, tiny sizes: checks every row runs
     python benchmarks/gpu_bench.py --sections xxl_step,gradcache --budget 280
     python benchmarks/gpu_bench.py --resume             # rerun only what an earlier run did not finish
+    python benchmarks/gpu_bench.py --core               # the one-device-call set (benchmarks/run_on_gpu.sh --core)
+    python benchmarks/gpu_bench.py --cap encode_xxl=200 --min-s step=40   # per-job-size caps / minimum budget
+
+Imports `mst5_jax` (for sizes and FLOPs) and the sibling `_bench_common`: run it as a script
+from the repository root with the package installed, or with `PYTHONPATH=.` (the GPU
+machine has no pip install; benchmarks/run_on_gpu.sh sets PYTHONPATH itself).
+
+--core (issue 19): the bf16 matmul peak; our xxl LoRA step at the best policy (--best-remat)
+and at the memory-bound one (full remat) against the reference (sdpa and eager, with and
+without gradient checkpointing); xxl and base encode against the reference, without the
+parity passes. Budget 480 s, sized for one cold H100/H200 device call of 9 minutes.
 
 Rows (core suite, mT5 sizes, bf16 compute and weights, LoRA r=8 on q and v, dropout 0):
   matmul     bf16 8192^3 matmul in jax and in torch: the peak that MFU divides by.
@@ -11,7 +22,8 @@ Rows (core suite, mT5 sizes, bf16 compute and weights, LoRA r=8 on q and v, drop
              (cosine >= 0.999), and the step-1 LoRA gradients with B non-zero (cosine
              >= 0.99); then encode xxl 256 x 64, model only, adapters merged, both sides.
   xxl_step   LoRA train step, xxl, 32 triplets x 64 tokens: ours with the best remat
-             policy (--best-remat) and full remat; the reference eager with and without
+             policy (--best-remat) and full remat; the reference with sdpa and with eager
+             attention (each row records `attn_implementation`), with and without
              gradient checkpointing.
   gradcache  ours, 1024 triplets x 64 tokens, GradCache micro-batches of 128 with cached
              layer inputs (`mst5_jax.core.gradcache`: the FLOPs of one full-remat step):
@@ -64,11 +76,9 @@ from typing import Any, Optional
 
 import numpy as np
 
-HERE = pathlib.Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE.parent))  # mst5_jax from the source tree (the GPU machine has no install)
-sys.path.insert(0, str(HERE))
+import _bench_common as common  # the sibling module: this file runs as a script
 
-import _bench_common as common  # noqa: E402
+HERE = pathlib.Path(__file__).resolve().parent
 
 REPO = common.REPO
 SECTIONS = ("xxl_fwd", "xxl_step", "gradcache", "base_fwd", "e2e", "step128", "gradcache_plain")
@@ -91,7 +101,10 @@ def suite_sizes(quick: bool) -> dict:
             "gradcache": {"triplets": 8, "length": 16, "microbatch": 4, "warmup": 1, "iters": 2},
             "e2e": {"langs": ["deu", "fra", "spa"], "per_file": 100, "batch_size": 16, "max_length": 32,
                     "vocab_size": 400},
-            "caps": {"prep": 90, "fwd": 90, "step": 90, "e2e": 90},
+            "caps": {"prep": 90, "parity_xxl": 90, "parity_base": 90, "encode_xxl": 90, "encode_base": 90,
+                     "step": 90, "gradcache": 90, "e2e": 90},
+            "min_s": {"prep": 5, "parity_xxl": 5, "parity_base": 5, "encode_xxl": 5, "encode_base": 5,
+                      "step": 5, "gradcache": 5, "e2e": 5},
             "budget": 240,
         }
     return {
@@ -103,8 +116,12 @@ def suite_sizes(quick: bool) -> dict:
         "gradcache": {"triplets": 1024, "length": 64, "microbatch": 128, "warmup": 1, "iters": 2},
         "e2e": {"langs": ["deu", "fra", "spa", "rus", "cmn", "jpn", "ara", "hin", "tur", "vie", "kor", "pol"],
                 "per_file": 1000, "batch_size": 512, "max_length": 64, "vocab_size": 8000},
-        # Per-section caps (s); the whole run also stops at --budget.
-        "caps": {"prep": 120, "fwd": 120, "step": 100, "e2e": 60},
+        # Per-job-size caps (s) and the least budget left to start such a job (a job that
+        # cannot finish is not started); --cap / --min-s override. The run stops at --budget.
+        "caps": {"prep": 150, "parity_xxl": 120, "parity_base": 60, "encode_xxl": 150, "encode_base": 60,
+                 "step": 120, "gradcache": 150, "e2e": 60},
+        "min_s": {"prep": 60, "parity_xxl": 60, "parity_base": 20, "encode_xxl": 60, "encode_base": 20,
+                  "step": 60, "gradcache": 90, "e2e": 20},
         "budget": 300,
     }
 
@@ -129,7 +146,7 @@ class Job:
     job: dict
     cap_s: float
     oom_label: str = ""
-    min_s: float = 15.0
+    min_s: float = 15.0  # the least budget left to start it (set per job size by plan_jobs)
 
     def __post_init__(self):
         self.job["job_id"] = self.id
@@ -140,8 +157,12 @@ class Job:
         return f"{self.section}/{self.side}/{self.task}/{self.config}"
 
 
-def plan_jobs(sizes: dict, sections: list[str], best_remat: str, gradcache_remat: str) -> list[Job]:
-    """The jobs of the run in priority order (what the budget cuts first comes last)."""
+def plan_jobs(sizes: dict, sections: list[str], best_remat: str, gradcache_remat: str,
+              parity: bool = True) -> list[Job]:
+    """The jobs of the run in priority order (what the budget cuts first comes last).
+
+    Each job's cap and min_s come from sizes["caps"] / sizes["min_s"] by its size key
+    (prep, parity_<model>, encode_<model>, step, gradcache, e2e)."""
     caps, st, gc = sizes["caps"], sizes["step"], sizes["gradcache"]
     jobs: list[Job] = []
     need = [m for m, secs in (("xxl", ("xxl_fwd", "xxl_step")), ("base", ("base_fwd", "e2e")))
@@ -149,13 +170,25 @@ def plan_jobs(sizes: dict, sections: list[str], best_remat: str, gradcache_remat
     jobs.append(Job("prep", "jax", "prep", "-", "bf16 matmul peak + shared weights (" + ", ".join(need) + ")",
                     {"matmul": True, "models": need}, caps["prep"], "weights"))
     torch_matmul = [True]
+    deferred: list[Job] = []
 
     def fwd(name: str) -> list[Job]:
+        """Parity on both sides, then each side's encode in a fresh worker (its own peak memory)."""
         b, length = sizes["encode"][name]
-        out = [Job(f"{name}_fwd", "jax", "fwd", "ours", f"{name} parity + encode {b}x{length}", {"model": name},
-                   caps["fwd"], f"{b}x{length}"),
-               Job(f"{name}_fwd", "torch", "fwd", "ref", f"{name} parity + encode {b}x{length}",
-                   {"model": name, "matmul": torch_matmul[0]}, caps["fwd"], f"{b}x{length}")]
+        out = []
+        if parity:
+            p = f"parity_{name}"
+            out += [Job(f"{name}_fwd", "jax", "fwd", "ours", f"{name} parity", {"model": name, "parts": ["parity"]},
+                        caps[p], f"{b}x{length}"),
+                    Job(f"{name}_fwd", "torch", "fwd", "ref", f"{name} parity",
+                        {"model": name, "parts": ["parity"], "matmul": torch_matmul[0]}, caps[p], f"{b}x{length}")]
+            torch_matmul[0] = False
+        e = f"encode_{name}"
+        out += [Job(f"{name}_fwd", "jax", "fwd", "ours", f"{name} encode {b}x{length}",
+                    {"model": name, "parts": ["encode"]}, caps[e], f"{b}x{length}"),
+                Job(f"{name}_fwd", "torch", "fwd", "ref", f"{name} encode {b}x{length}, sdpa",
+                    {"model": name, "parts": ["encode"], "attn": "sdpa", "matmul": torch_matmul[0]}, caps[e],
+                    f"{b}x{length}")]
         torch_matmul[0] = False
         return out
 
@@ -165,7 +198,7 @@ def plan_jobs(sizes: dict, sections: list[str], best_remat: str, gradcache_remat
             what = f"remat={kw['remat']}" + (f", GradCache micro-batch {kw['microbatch']}" if kw.get("microbatch") else "")
             what += ", cached layer inputs" if kw.get("cache_layer_inputs") else ""
         else:
-            what = "eager + gradient checkpointing" if kw.get("checkpointing") else "eager"
+            what = kw["attn"] + (" + gradient checkpointing" if kw.get("checkpointing") else "")
         config = f"xxl LoRA step {b}x{length}, {what}"
         job = {"section": section, "model": "xxl", "ids": ids, "warmup": warmup, "iters": iters,
                "config": config, **kw}
@@ -180,13 +213,16 @@ def plan_jobs(sizes: dict, sections: list[str], best_remat: str, gradcache_remat
         elif section == "xxl_step":
             args = (st["triplets"], st["length"], st["warmup"], st["iters"])
             jobs += [step(section, "ours", *args, remat=best_remat),
-                     step(section, "ref", *args, checkpointing=False),
-                     step(section, "ref", *args, checkpointing=True),
+                     step(section, "ref", *args, checkpointing=False, attn="sdpa"),
+                     step(section, "ref", *args, checkpointing=True, attn="sdpa"),
                      step(section, "ours", *args, remat="full")]
+            # eager attention is not the reference's default: measured last, as the budget allows
+            deferred += [step(section, "ref", *args, checkpointing=False, attn="eager"),
+                         step(section, "ref", *args, checkpointing=True, attn="eager")]
         elif section in ("gradcache", "gradcache_plain"):
             j = step(section, "ours", gc["triplets"], gc["length"], gc["warmup"], gc["iters"],
                      remat=gradcache_remat, microbatch=gc["microbatch"], cache_layer_inputs=section == "gradcache")
-            j.cap_s *= 1.5
+            j.cap_s, j.min_s = caps["gradcache"], sizes["min_s"]["gradcache"]
             jobs.append(j)
         elif section == "step128":
             jobs.append(step(section, "ours", gc["microbatch"], gc["length"], st["warmup"], st["iters"],
@@ -197,6 +233,13 @@ def plan_jobs(sizes: dict, sections: list[str], best_remat: str, gradcache_remat
                             {"model": "base", **e, "config": f"base SentenceEncoder.encode, Tatoeba, batch "
                                                              f"{e['batch_size']}, max_length {e['max_length']}"},
                             caps["e2e"], f"batch {e['batch_size']}"))
+    jobs += deferred
+    for j in jobs:
+        if j.section != "gradcache" and j.section != "gradcache_plain":
+            key = {"prep": "prep", "step": "step", "e2e": "e2e"}.get(j.task)
+            if key is None:  # fwd
+                key = ("parity_" if j.job["parts"] == ["parity"] else "encode_") + j.job["model"]
+            j.min_s = sizes["min_s"][key]
     return jobs
 
 
@@ -306,7 +349,7 @@ class Runner:
         if self.stopped:
             status = f"interrupted ({self.stopped}) after {wall:.0f} s"
         elif rc == "timeout":
-            status = f"timeout after {timeout:.0f} s (section cap {job.cap_s:.0f} s)"
+            status = f"timeout after {timeout:.0f} s (job cap {job.cap_s:.0f} s; raise it with --cap)"
         elif common.is_oom(text):
             status = f"OOM at {job.oom_label}"
         else:
@@ -355,7 +398,9 @@ def worker_env(quick: bool) -> dict:
     env = dict(os.environ)
     env.setdefault("JAX_COMPILATION_CACHE_DIR", str(REPO / ".cache" / "jax_cc"))
     env.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.95")
-    env.update(PYTHONUNBUFFERED="1", TF_CPP_MIN_LOG_LEVEL="3", TOKENIZERS_PARALLELISM="false",
+    # XLA's warnings (e.g. a fallback from the cuDNN attention, rematerialisation) stay in
+    # workers.log: TF_CPP_MIN_LOG_LEVEL is left as the caller set it.
+    env.update(PYTHONUNBUFFERED="1", TOKENIZERS_PARALLELISM="false",
                HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
     env["PYTHONPATH"] = os.pathsep.join([str(REPO)] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p])
     if quick:
@@ -472,7 +517,8 @@ def ratios(rows: list[dict]) -> dict:
     if ours and ref:
         best_o, best_r = max(ours, key=lambda r: r["value"]), max(ref, key=lambda r: r["value"])
         out["step_best"] = {"ratio": best_o["value"] / best_r["value"], "ours": best_o["config"], "ref": best_r["config"]}
-        ckpt = [r for r in ref if r.get("remat") == "checkpointing" and r.get("peak_gib")]
+        ckpt = sorted((r for r in ref if r.get("remat") == "checkpointing" and r.get("peak_gib")),
+                      key=lambda r: -r["value"])
         if ckpt:
             limit = ckpt[0]["peak_gib"]
             within = [r for r in ours if r.get("peak_gib") is not None and r["peak_gib"] <= limit]
@@ -500,7 +546,26 @@ def _fmt(x: Any, digits: int = 1) -> str:
     return str(x)
 
 
-def markdown(rows: list[dict], peak: Optional[float], rat: dict, header: list[str]) -> str:
+def _mfu_text(mfu: Optional[float]) -> str:
+    if mfu is None:
+        return ""
+    if mfu > 1.0:  # a tiny or CPU peak measurement: not a utilisation
+        return f"n/a ({100 * mfu:.0f}% > 100%: peak under-measured)"
+    return f"{100 * mfu:.1f}%"
+
+
+def peak_advice(peak: Optional[float], quick: bool) -> list[str]:
+    """The measured peak and the gin line to paste into a hardware gin file (gin/runs/*.gin)."""
+    if not peak:
+        return []
+    if quick:
+        return [f"Measured bf16 matmul peak {peak:.2f} TFLOP/s (quick mode: tiny CPU matmul, not a hardware peak; "
+                "do not paste it into a gin file)."]
+    return [f"Measured bf16 matmul peak {peak:.1f} TFLOP/s per device. For MFU in training logs, paste into the "
+            f"hardware gin file (e.g. gin/runs/xxl_lora.gin): `TrainConfig.peak_tflops = {peak:.1f}`"]
+
+
+def markdown(rows: list[dict], peak: Optional[float], rat: dict, header: list[str], quick: bool = False) -> str:
     lines = header + ["", "| section | side | config | status | result | ms/iter | peak GiB | TFLOP/s | MFU | "
                           "compile/first s | notes |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
@@ -529,13 +594,16 @@ def markdown(rows: list[dict], peak: Optional[float], rat: dict, header: list[st
             str(r.get("section", "")), str(r.get("side", "")), str(r.get("config", "")), status, result,
             _fmt(None if ms is None or r.get("section") in ("weights",) else ms * 1000, 1),
             _fmt(r.get("peak_gib"), 2), _fmt(r.get("tflops"), 1),
-            "" if r.get("mfu") is None else f"{100 * r['mfu']:.1f}%",
+            _mfu_text(r.get("mfu")),
             _fmt(r.get("compile_s", r.get("first_call_s")), 1), notes.replace("|", "/")]) + " |")
     if rat:
-        lines += ["", "Ratios (ours / reference, where both ran): "
-                  + "; ".join(f"{k}: {_ratio_text(v)}" for k, v in rat.items())]
+        label = ("Ratios (quick mode: tiny models on a CPU, NOT meaningful, they only show the rows ran): "
+                 if quick else "Ratios (ours / reference, where both ran): ")
+        lines += ["", label + "; ".join(f"{k}: {_ratio_text(v)}" for k, v in rat.items())]
     if peak:
-        lines.append(f"MFU divides by the larger measured bf16 matmul peak, {peak:.1f} TFLOP/s.")
+        lines.append(f"MFU divides by the larger measured bf16 matmul peak, {peak:.1f} TFLOP/s"
+                     + (" (quick mode: MFU is not meaningful)." if quick else "."))
+        lines += peak_advice(peak, quick)
     return "\n".join(lines) + "\n"
 
 
@@ -566,6 +634,13 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
                     help="copy the rows of jobs that finished ok in an earlier run instead of rerunning them: "
                          "from the --work folder's history (a second call on the warm machine), or from ROWS, "
                          "an earlier gpu_bench.jsonl (carried to a fresh machine)")
+    ap.add_argument("--core", action="store_true",
+                    help="the one-device-call set: xxl_step, xxl_fwd and base_fwd without parity, budget 480 s")
+    ap.add_argument("--cap", action="append", default=[], metavar="KEY=S",
+                    help="per-job-size time cap in s; KEY one of prep, parity_xxl, parity_base, encode_xxl, "
+                         "encode_base, step, gradcache, e2e (repeatable)")
+    ap.add_argument("--min-s", action="append", default=[], metavar="KEY=S",
+                    help="least budget (s) left to start a job of that size (same keys as --cap; repeatable)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--allow-cpu", action="store_true", help="run the core sizes without a GPU (very slow)")
     return ap.parse_args(argv)
@@ -575,6 +650,18 @@ def main(argv: Optional[list[str]] = None) -> int:
     args = parse_args(argv)
     t_start = time.time()
     sizes = suite_sizes(args.quick)
+    for flag, table in (("--cap", sizes["caps"]), ("--min-s", sizes["min_s"])):
+        for item in getattr(args, flag[2:].replace("-", "_")):
+            key, _, val = item.partition("=")
+            if key not in table or not val:
+                raise SystemExit(f"{flag} {item!r}: expected KEY=SECONDS with KEY one of {', '.join(table)}")
+            table[key] = float(val)
+    if args.core:
+        if args.sections == ",".join(SECTIONS):
+            args.sections = "xxl_step,xxl_fwd,base_fwd"
+        if args.budget is None:
+            # quick: the CPU twin of the device call, within 150 s on two busy cores
+            args.budget = 130.0 if args.quick else 480.0
     args.budget = args.budget or sizes["budget"]
     sections = [s.strip() for s in args.sections.split(",") if s.strip()]
     unknown = [s for s in sections if s not in SECTIONS]
@@ -594,12 +681,12 @@ def main(argv: Optional[list[str]] = None) -> int:
     shutil.rmtree(work / "logs", ignore_errors=True)
     work.mkdir(parents=True, exist_ok=True)
 
-    suite = "quick" if args.quick else args.suite
+    suite = ("quick" if args.quick else args.suite) + ("-core" if args.core else "")
     spec = {"suite": suite, "quick": args.quick, "seed": args.seed, "work": str(work),
             "models": sizes["models"], "matmul": sizes["matmul"], "encode": sizes["encode"],
             "weights_dir": {m: str(work / "weights" / m) for m in sizes["models"]},
             "ids": str(work / "ids.npz"), "parity_dir": str(work / "parity")}
-    jobs = plan_jobs(sizes, sections, args.best_remat, args.gradcache_remat)
+    jobs = plan_jobs(sizes, sections, args.best_remat, args.gradcache_remat, parity=not args.core)
     data_dir = resolve_data_dir(args.data_dir)
     for j in jobs:
         if j.task == "e2e":
@@ -621,10 +708,10 @@ def main(argv: Optional[list[str]] = None) -> int:
                                      "tatoeba/ into .cache/bench_data and carry it, see benchmarks/run_on_gpu.sh)")
             continue
         runner.run(job)
-        nxt = jobs[i + 1].section if i + 1 < len(jobs) else None
-        if job.worker == "torch" and job.task == "fwd" and nxt != job.section:
+        if job.worker == "torch" and job.task == "fwd" and job.job.get("parts") == ["parity"]:
             model = job.job["model"]
-            both_resumed = all(j.id in runner.resumed for j in jobs if j.task == "fwd" and j.job["model"] == model)
+            both_resumed = all(j.id in runner.resumed for j in jobs
+                               if j.task == "fwd" and j.job["model"] == model and j.job.get("parts") == ["parity"])
             parity_rows(runner.rows, work / "parity", model, sizes,
                         runner.earlier.get(f"parity/{model}") if both_resumed else None)
 
@@ -647,10 +734,13 @@ def main(argv: Optional[list[str]] = None) -> int:
               f"- wall time: {wall:.0f} s (budget {args.budget:.0f} s)"]
     if not runner.torch_ok:
         header.append(f"- reference rows skipped: torch/transformers/peft are not importable in {sys.executable}")
-    table = markdown(rows, peak, rat, header)
+    if args.quick:
+        header.append("- quick mode: tiny models on a CPU; the ratios and MFU below are NOT meaningful")
+    table = markdown(rows, peak, rat, header, quick=args.quick)
     (out / "gpu_bench.md").write_text(table, encoding="utf-8")
     (out / "gpu_bench_summary.json").write_text(json.dumps(
         {"suite": suite, "wall_s": wall, "budget_s": args.budget, "peak_tflops": peak, "ratios": rat,
+         "ratios_meaningful": not args.quick,
          "devices": devices, "versions": versions, "rows": rows}, indent=2, default=str), encoding="utf-8")
     print(table)
     bad = [r for r in rows if r.get("section") == "parity" and str(r.get("status", "")).startswith("FAIL")]

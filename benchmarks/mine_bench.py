@@ -1,27 +1,32 @@
-"""Margin mining at scale on the CPU: time and peak memory per backend (a benchmark, not a test).
+"""Exact margin mining against plain faiss IndexFlatIP + numpy margin scoring (a benchmark, not a test).
 
-    nice python benchmarks/mine_bench.py                       # 100k x 100k, 768-d, all backends
-    python benchmarks/mine_bench.py --n 20000 --backends exact # quicker
+    PYTHONPATH=. python benchmarks/mine_bench.py                    # 20k and 40k, 768-d, k=4, in-process
+    PYTHONPATH=. python benchmarks/mine_bench.py --cli --sizes 40000 # through `python -m mst5_jax.mine`
 
-Each backend runs in its own subprocess (peak RSS cannot be reset inside one process), on
-random unit vectors with `--planted` noisy translation pairs, and reports wall time, peak
-resident memory (ru_maxrss, including the two embedding matrices) and how many planted
-pairs the top of the list recovers. Prints a markdown table.
+Imports the package: install it (`pip install -e .`) or run with `PYTHONPATH=.` from the
+repository root. Data: random unit vectors with `--planted` noisy translation pairs.
+
+In-process mode times, for each size, `mst5_jax.evals.mining.mine_pairs` (float32 GEMM
+blocks computed once for both directions, float64 rescoring of the final candidates)
+against the baseline: `faiss.IndexFlatIP` searched in both directions (k=4) followed by
+`select_pairs` (numpy margin scoring), alternating the order over `--repeats`, and
+prints the best time of each and the ratio baseline / ours. It also checks the two give
+the same pairs. `--cli` times the CLI end to end (start-up, loading .npy, writing the TSV)
+with `--backend exact` against `--backend faiss --faiss_index Flat`.
 """
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
-import resource
 import subprocess
 import sys
+import tempfile
 import time
 
 import numpy as np
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from mst5_jax.evals import mining
 
 
 def data(n: int, d: int, planted: int, seed: int = 0):
@@ -31,56 +36,74 @@ def data(n: int, d: int, planted: int, seed: int = 0):
     src = rng.choice(n, planted, replace=False)
     trg = rng.choice(n, planted, replace=False)
     y[trg] = x[src] + 0.8 * rng.standard_normal((planted, d), dtype=np.float32)
-    return x, y, set(zip(src.tolist(), trg.tolist()))
+    return x, y
 
 
-def child(args) -> None:
-    sys.path.insert(0, REPO)
-    from mst5_jax import mine
+def faiss_plain(x: np.ndarray, y: np.ndarray, k: int) -> mining.MinedPairs:
+    """The baseline: IndexFlatIP both ways, then margin scoring in numpy."""
+    import faiss
 
-    x, y, gold = data(args.n, args.d, args.planted)
-    base_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    t0 = time.perf_counter()
-    backend, _, index = args.backend.partition(":")
-    pairs = mine.mine(x, y, k=4, backend=backend, faiss_index=index or "Flat", nprobe=args.nprobe)
-    dt = time.perf_counter() - t0
-    top = set(zip(pairs.src[: args.planted].tolist(), pairs.trg[: args.planted].tolist()))
-    print(json.dumps({"backend": args.backend, "seconds": dt,
-                      "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
-                      "rss_before_mining_gb": base_rss / 2**20, "pairs": len(pairs.score),
-                      "planted_recovered": len(top & gold) / len(gold)}))
+    xu, yu = mining.l2_normalize(x), mining.l2_normalize(y)
+    ix, iy = faiss.IndexFlatIP(xu.shape[1]), faiss.IndexFlatIP(xu.shape[1])
+    iy.add(yu)
+    ix.add(xu)
+    x2y_sim, x2y_ind = iy.search(xu, k)
+    y2x_sim, y2x_ind = ix.search(yu, k)
+    return mining.select_pairs(x2y_sim, x2y_ind.astype(np.int64), y2x_sim, y2x_ind.astype(np.int64))
+
+
+def in_process(n: int, args) -> tuple[float, float]:
+    x, y = data(n, args.d, min(args.planted, n // 2))
+    best = {"ours": np.inf, "faiss": np.inf}
+    for rep in range(args.repeats):
+        for name in (("ours", "faiss") if rep % 2 == 0 else ("faiss", "ours")):
+            t0 = time.perf_counter()
+            pairs = mining.mine_pairs(x, y, k=args.k) if name == "ours" else faiss_plain(x, y, args.k)
+            best[name] = min(best[name], time.perf_counter() - t0)
+            if name == "ours":
+                ours = pairs
+            else:
+                base = pairs
+    same = float(np.mean(np.isin(ours.src * n + ours.trg, base.src * n + base.trg)))
+    print(f"{n:,} x {n:,}: ours {best['ours']:.1f} s, faiss IndexFlatIP + numpy {best['faiss']:.1f} s, "
+          f"ratio {best['faiss'] / best['ours']:.2f}x; pairs shared with the baseline {100 * same:.2f}%", flush=True)
+    return best["ours"], best["faiss"]
+
+
+def cli(n: int, args) -> tuple[float, float]:
+    x, y = data(n, args.d, min(args.planted, n // 2))
+    with tempfile.TemporaryDirectory() as tmp:
+        for name, emb in (("src", x), ("tgt", y)):
+            np.save(os.path.join(tmp, f"{name}.npy"), emb)
+            with open(os.path.join(tmp, f"{name}.txt"), "w") as f:
+                f.writelines(f"{name} {i}\n" for i in range(n))
+        times = {}
+        for name, extra in (("exact", []), ("faiss", ["--backend", "faiss", "--faiss_index", "Flat"])):
+            cmd = [sys.executable, "-m", "mst5_jax.mine", "--src", f"{tmp}/src.txt", "--tgt", f"{tmp}/tgt.txt",
+                   "--src_emb", f"{tmp}/src.npy", "--tgt_emb", f"{tmp}/tgt.npy", "--output", f"{tmp}/{name}.tsv", *extra]
+            t0 = time.perf_counter()
+            subprocess.run(cmd, check=True, capture_output=True)
+            times[name] = time.perf_counter() - t0
+    print(f"CLI {n:,} x {n:,}: exact {times['exact']:.1f} s, faiss Flat {times['faiss']:.1f} s, "
+          f"ratio {times['faiss'] / times['exact']:.2f}x (start-up included)", flush=True)
+    return times["exact"], times["faiss"]
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--n", type=int, default=100_000)
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--sizes", default="20000,40000", help="comma-separated n (n x n mining)")
     ap.add_argument("--d", type=int, default=768)
-    ap.add_argument("--planted", type=int, default=10_000)
-    ap.add_argument("--nprobe", type=int, default=16)
-    ap.add_argument("--backends", default="exact,faiss:Flat,faiss:IVF1024,Flat")
-    ap.add_argument("--backend", help=argparse.SUPPRESS)
+    ap.add_argument("--k", type=int, default=4)
+    ap.add_argument("--planted", type=int, default=2000)
+    ap.add_argument("--repeats", type=int, default=1, help="in-process: runs of each, best kept")
+    ap.add_argument("--cli", action="store_true", help="time `python -m mst5_jax.mine` instead")
     args = ap.parse_args()
-    if args.backend:
-        child(args)
-        return
     import faiss
 
-    backends = [b for b in args.backends.replace("IVF1024,Flat", "IVF1024;Flat").split(",")]
-    rows = []
-    for b in backends:
-        b = b.replace(";", ",")
-        cmd = [sys.executable, __file__, "--backend", b, "--n", str(args.n), "--d", str(args.d),
-               "--planted", str(args.planted), "--nprobe", str(args.nprobe)]
-        out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
-        rows.append(json.loads(out.strip().splitlines()[-1]))
-        print(rows[-1], flush=True)
-    print(f"\n{args.n:,} x {args.n:,}, d={args.d}, k=4, {os.cpu_count()} CPUs ({platform.processor() or platform.machine()}), "
-          f"numpy {np.__version__}, faiss {faiss.__version__}, {time.strftime('%Y-%m-%d')}\n")
-    print("| backend | time (s) | peak RSS (GB) | RSS before mining (GB) | planted pairs in top list |")
-    print("|---|---|---|---|---|")
-    for r in rows:
-        print(f"| {r['backend']} | {r['seconds']:.0f} | {r['peak_rss_gb']:.2f} | {r['rss_before_mining_gb']:.2f} "
-              f"| {100 * r['planted_recovered']:.1f}% |")
+    print(f"d={args.d}, k={args.k}, {os.cpu_count()} CPUs ({platform.processor() or platform.machine()}), "
+          f"numpy {np.__version__}, faiss {faiss.__version__}, {time.strftime('%Y-%m-%d')}", flush=True)
+    for n in (int(s) for s in args.sizes.split(",")):
+        (cli if args.cli else in_process)(n, args)
 
 
 if __name__ == "__main__":

@@ -18,7 +18,11 @@ Per policy it prints:
 
 The FLOPs do not depend on the backend. The memory is the CPU compiler's fusion and
 buffer assignment when run on a CPU, so only an estimate of the GPU peak
-(`benchmarks/NOTES.md` compares both).
+(`benchmarks/NOTES.md` compares both). On a CPU the default dtype is float32 (the
+float32-slope method): XLA's CPU backend upcasts bf16 and would report 34-93 GiB for
+an xxl step; `--dtype bfloat16` on a CPU prints a warning saying so.
+
+Imports `mst5_jax`: installed, or `PYTHONPATH=.` from the repository root.
 """
 from __future__ import annotations
 
@@ -28,9 +32,7 @@ import pathlib
 import sys
 import time
 
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
-
-import jax  # noqa: E402
+import jax
 
 from mst5_jax.core import lora  # noqa: E402
 from mst5_jax.core.config import EncoderConfig  # noqa: E402
@@ -72,13 +74,20 @@ def main(argv=None) -> int:
                     help="override the layer count (FLOPs and per-layer memory scale linearly)")
     ap.add_argument("--batch", type=int, default=32, help="triplets per step")
     ap.add_argument("--length", type=int, default=64)
-    ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"],
-                    help="compute and frozen-weight dtype (on a CPU, float32 avoids XLA's bf16 upcasts)")
+    ap.add_argument("--dtype", default=None, choices=["bfloat16", "float32"],
+                    help="compute and frozen-weight dtype (default: float32 on a CPU, which avoids XLA's "
+                         "bf16 upcasts, bfloat16 elsewhere)")
     ap.add_argument("--remat", nargs="+", default=list(REMAT_POLICIES) + ["none"], choices=list(REMAT_POLICIES) + ["none"])
     ap.add_argument("--microbatch", type=int, default=None, help="GradCache micro-batch (triplets)")
     ap.add_argument("--cache_layer_inputs", action="store_true", help="GradCache keeps the block inputs")
     ap.add_argument("--json", type=pathlib.Path, default=None, help="append one JSON object per policy")
     args = ap.parse_args(argv)
+    on_cpu = jax.default_backend() == "cpu"
+    if args.dtype is None:
+        args.dtype = "float32" if on_cpu else "bfloat16"
+    if on_cpu and args.dtype == "bfloat16":
+        print("WARNING: bfloat16 on a CPU: XLA upcasts bf16 to f32 here, so temp/total GiB are inflated "
+              "(not a GPU estimate); use the default float32 on a CPU", file=sys.stderr)
     overrides = {} if args.num_layers is None else {"num_layers": args.num_layers}
     print(f"{'remat':>9} {'flops/model':>11} {'temp GiB':>9} {'total GiB':>9} {'compile s':>9}")
     for remat in args.remat:

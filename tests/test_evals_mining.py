@@ -88,6 +88,28 @@ def test_knn_both_matches_sorted_brute_force_with_ties(block_elems):
     np.testing.assert_array_equal(y2x_sim, np.take_along_axis(S.T, np.array(ref_y), 1))
 
 
+def test_knn_both_near_ties_below_float32_gemm_error():
+    """Cosines that differ by less than the float32 GEMM error (near-ties) and exact duplicates:
+    the float32 blocks must not decide the order; the float64 rescoring must."""
+    rng = np.random.default_rng(7)
+    d, k = 96, 4
+    y = rng.standard_normal((400, d)).astype(np.float32)
+    x = rng.standard_normal((50, d)).astype(np.float32)
+    for i in range(50):
+        base = x[i] * 3
+        for j, jj in enumerate(rng.choice(400, 6, replace=False)):
+            # Copies of one direction nudged in the last bits: cosines within ~1e-7 of each other.
+            y[jj] = base + (j - 3) * 1e-6 * rng.standard_normal(d).astype(np.float32)
+    y[[10, 200, 399]] = y[5]  # exact duplicates: ties broken by index
+    S = slow_cos(x, y)
+    for block_elems in (64 * 64, 50 * 17, 1 << 22):
+        x2y_sim, x2y_ind, y2x_sim, y2x_ind = knn_both(l2_normalize(x), l2_normalize(y), k, block_elems=block_elems)
+        np.testing.assert_array_equal(x2y_ind, slow_knn(S, k))
+        np.testing.assert_array_equal(y2x_ind, slow_knn(S.T, k))
+        np.testing.assert_array_equal(x2y_sim, np.take_along_axis(S, np.array(slow_knn(S, k)), 1))
+        np.testing.assert_array_equal(y2x_sim, np.take_along_axis(S.T, np.array(slow_knn(S.T, k)), 1))
+
+
 # --- mining ----------------------------------------------------------------------------------
 
 def test_mine_pairs_hand_checked():

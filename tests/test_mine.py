@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from fixtures_models import tiny_hf_model_dir  # noqa: F401
-from mst5_jax import mine
+from mst5_jax.inference import mining as mine
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
@@ -100,6 +100,7 @@ def test_cli_tsv_threshold_and_dedup(tiny_hf_model_dir, data_dir, tmp_path):
 
     def run(*extra):
         out = tmp_path / "pairs.tsv"
+        out.unlink(missing_ok=True)
         subprocess.run([sys.executable, "-m", "mst5_jax.mine", "--src", tmp_path / "src.txt", "--tgt",
                         tmp_path / "tgt.txt", "--src_emb", tmp_path / "src.npy", "--tgt_emb", tmp_path / "tgt.npy",
                         "--output", out, *extra], cwd=REPO, env=env, check=True, capture_output=True, timeout=120)
@@ -123,3 +124,63 @@ def test_cli_tsv_threshold_and_dedup(tiny_hf_model_dir, data_dir, tmp_path):
     ref_d = [(int(keep[i]), j) for i, j, _ in direct_mine(x[keep], y, 4)]
     assert [(int(r[1]), int(r[2])) for r in rows_d] == ref_d
     assert len({r[3] for r in rows_d}) == len(rows_d) and max(int(r[1]) for r in rows_d) < 400
+
+
+def _cli(tmp_path, *extra, x=None, y=None):
+    """Runs the CLI on 30 x 40 lines with the given embeddings; returns the CompletedProcess."""
+    rng = np.random.default_rng(5)
+    x = rng.standard_normal((30, 8)).astype(np.float32) if x is None else x
+    y = rng.standard_normal((40, 8)).astype(np.float32) if y is None else y
+    for name, emb in (("src", x), ("tgt", y)):
+        (tmp_path / f"{name}.txt").write_text("".join(f"{name} {i}\n" for i in range(len(emb))), encoding="utf-8")
+        np.save(tmp_path / f"{name}.npy", emb)
+    args = ["--src", tmp_path / "src.txt", "--tgt", tmp_path / "tgt.txt", "--src_emb", tmp_path / "src.npy",
+            "--tgt_emb", tmp_path / "tgt.npy"]
+    return subprocess.run([sys.executable, "-m", "mst5_jax.mine", *map(str, args), *map(str, extra)], cwd=REPO,
+                          env={**os.environ, "PYTHONPATH": str(REPO)}, capture_output=True, text=True, timeout=120)
+
+
+def test_cli_refuses_output_equal_to_an_input(tmp_path):
+    for target in ("src.txt", "tgt.npy"):
+        r = _cli(tmp_path, "--output", tmp_path / target, "--overwrite")
+        assert r.returncode != 0 and "is the --" in r.stderr and target.split(".")[0] in r.stderr
+
+
+def test_cli_existing_output_needs_overwrite_and_is_replaced_whole(tmp_path):
+    out = tmp_path / "pairs.tsv"
+    out.write_text("old\n")
+    r = _cli(tmp_path, "--output", out)
+    assert r.returncode != 0 and "--overwrite" in r.stderr and out.read_text() == "old\n"
+    # A failing run (NaN input) with --overwrite keeps the old file untouched.
+    bad = np.ones((30, 8), np.float32)
+    bad[7, 3] = np.nan
+    r = _cli(tmp_path, "--output", out, "--overwrite", x=bad)
+    assert r.returncode != 0 and out.read_text() == "old\n"
+    r = _cli(tmp_path, "--output", out, "--overwrite")
+    assert r.returncode == 0, r.stderr
+    assert out.read_text().startswith("score\tsrc_line") and not list(tmp_path.glob(".pairs.tsv.*"))
+
+
+def test_cli_names_file_and_first_bad_row(tmp_path):
+    bad = np.random.default_rng(0).standard_normal((40, 8)).astype(np.float32)
+    bad[[12, 30], 2] = [np.inf, np.nan]
+    r = _cli(tmp_path, "--output", tmp_path / "o.tsv", y=bad)
+    assert r.returncode != 0 and "tgt.npy: row 12 " in r.stderr and "NaN or Inf" in r.stderr
+
+
+def test_cli_refuses_packed_binary_wrong_shape_and_width(tmp_path):
+    ub = np.packbits(np.random.default_rng(0).standard_normal((30, 64)) > 0, axis=1)  # uint8 [30, 8]
+    r = _cli(tmp_path, "--output", tmp_path / "o.tsv", x=ub)
+    assert r.returncode != 0 and "src.npy" in r.stderr and "ubinary" in r.stderr and "uint8" in r.stderr
+    r = _cli(tmp_path, "--output", tmp_path / "o.tsv", x=np.zeros((30, 2, 4), np.float32))
+    assert r.returncode != 0 and "src.npy" in r.stderr and "not 2-D" in r.stderr
+    r = _cli(tmp_path, "--output", tmp_path / "o.tsv", y=np.ones((40, 6), np.float32))
+    assert r.returncode != 0 and "widths differ" in r.stderr and "8" in r.stderr and "6" in r.stderr
+
+
+def test_faiss_flat_advice_does_not_suggest_flat():
+    """An exhaustive index returning -1 (NaN rows) must not be told to switch to a Flat index."""
+    x = np.full((20, 8), np.nan, np.float32)
+    with pytest.raises(RuntimeError) as e:
+        mine.knn_faiss(x, x, 4, index="Flat")
+    assert "use --faiss_index Flat" not in str(e.value) and "NaN" in str(e.value)

@@ -22,19 +22,20 @@ TINY_CONFIGS = {
 }
 
 
+@pytest.mark.parametrize("attention_impl", ["einsum", "dot_product"])
 @pytest.mark.parametrize("name", sorted(TINY_CONFIGS))
-def test_tiny_configs_match_hf(name, tmp_path):
+def test_tiny_configs_match_hf(name, attention_impl, tmp_path):
     hf = hf_config(vocab_size=300, **TINY_CONFIGS[name])
     torch_model = random_encoder(hf, seed=1)
     d = save_hf_dir(torch_model, tmp_path / "m")
-    cfg = EncoderConfig.from_hf_json(d / "config.json")
+    cfg = EncoderConfig.from_hf_json(d / "config.json", attention_impl=attention_impl)
     ours = load_hf_weights(d, cfg)
     ids, mask = random_ids(np.random.default_rng(3), batch=5, length=70, vocab=300)
     ref_hidden, ref_pooled = hf_forward(torch_model, ids, mask)
     hidden = np.asarray(ours.encoder(ids, mask))
     pooled = np.asarray(ours(ids, mask))
     err_h, err_p = rel_err(hidden, ref_hidden), rel_err(pooled, ref_pooled)
-    print(f"{name}: hidden rel_err={err_h:.2e} pooled rel_err={err_p:.2e}")
+    print(f"{name} {attention_impl}: hidden rel_err={err_h:.2e} pooled rel_err={err_p:.2e}")
     assert err_h <= 1e-4 and err_p <= 1e-4
 
 

@@ -55,6 +55,11 @@ class EncoderConfig:
       projection_dim: optional bias-free Dense after pooling (sentence-t5), None for m-ST5.
       normalize: L2-normalise the sentence embedding (sentence-t5), False for m-ST5.
       pad_token_id / eos_token_id: token conventions of the T5 vocabularies.
+      attention_impl: "einsum" (explicit logits, bias and softmax), "dot_product"
+        (`jax.nn.dot_product_attention`, XLA's choice of kernel) or "cudnn" (its cuDNN
+        flash kernel, GPU only, bf16). All compute the same function; see
+        benchmarks/attention_bench.py for the measured speeds. Training with dropout always
+        uses "einsum" (the fused kernels have no attention-weight dropout).
     """
 
     vocab_size: int = MT5_VOCAB
@@ -78,8 +83,11 @@ class EncoderConfig:
     pad_token_id: int = 0
     eos_token_id: int = 1
     name: str = "custom"
+    attention_impl: str = "einsum"
 
     def __post_init__(self):
+        if self.attention_impl not in ("einsum", "dot_product", "cudnn"):
+            raise ValueError(f"attention_impl={self.attention_impl!r}: expected einsum, dot_product or cudnn")
         if self.feed_forward not in ("gated-gelu", "relu", "gated-relu", "gelu"):
             raise ValueError(f"feed_forward={self.feed_forward!r}: expected gated-gelu, relu, gated-relu or gelu")
         if self.dtype not in ("float32", "bfloat16"):

@@ -178,6 +178,7 @@ class Attention(nnx.Module):
         d, inner = cfg.d_model, cfg.inner_dim
         self.num_heads, self.d_kv = cfg.num_heads, cfg.d_kv
         self.dtype, self.rate = cfg.dtype, cfg.dropout_rate
+        self.impl = cfg.attention_impl
         # HF T5 init: the query absorbs the missing 1/sqrt(d_kv).
         self.q = Linear(d, inner, ("embed", "joined_kv"), cfg, (d * cfg.d_kv) ** -0.5, rngs)
         self.k = Linear(d, inner, ("embed", "joined_kv"), cfg, d**-0.5, rngs)
@@ -192,12 +193,33 @@ class Attention(nnx.Module):
         q = split(self.q(x, k_q))
         k = split(self.k(x, k_k))
         v = split(self.v(x, k_v))
+        if self.impl == "einsum" or (self.rate > 0 and k_w is not None):
+            # The fused paths have no dropout on the attention weights: training with
+            # dropout always takes the explicit einsum path.
+            out = self._einsum_attention(q, k, v, bias, k_w)
+        else:
+            out = self._fused_attention(q, k, v, bias)
+        return self.o(out.reshape(b, length, self.num_heads * self.d_kv), k_o)
+
+    def _einsum_attention(self, q: Array, k: Array, v: Array, bias: Array, k_w: Optional[Array]) -> Array:
         logits = jnp.einsum("bqhd,bkhd->bhqk", q, k, precision=_precision(self.dtype),
                             preferred_element_type=jnp.float32)
         weights = jax.nn.softmax(logits + bias, axis=-1)
         weights = dropout(weights, self.rate, k_w).astype(self.dtype)
-        out = jnp.einsum("bhqk,bkhd->bqhd", weights, v, precision=_precision(self.dtype))
-        return self.o(out.reshape(b, length, self.num_heads * self.d_kv), k_o)
+        return jnp.einsum("bhqk,bkhd->bqhd", weights, v, precision=_precision(self.dtype))
+
+    def _fused_attention(self, q: Array, k: Array, v: Array, bias: Array) -> Array:
+        """`jax.nn.dot_product_attention` with the T5 bias and no 1/sqrt(d) scaling (scale=1).
+
+        "cudnn" asks for the cuDNN flash kernel (bf16/fp16 on a recent NVIDIA GPU; JAX raises
+        where it is unsupported); "dot_product" lets JAX pick (XLA on CPU). The bias is cast to
+        the compute dtype for cuDNN, with the padding value clipped to that dtype's range.
+        """
+        implementation = "cudnn" if self.impl == "cudnn" else None
+        if implementation == "cudnn":
+            bias = jnp.maximum(bias, jnp.finfo(self.dtype).min).astype(self.dtype)
+        with jax.default_matmul_precision("highest" if jnp.dtype(self.dtype) == jnp.float32 else "default"):
+            return jax.nn.dot_product_attention(q, k, v, bias=bias, scale=1.0, implementation=implementation)
 
 
 class FeedForward(nnx.Module):

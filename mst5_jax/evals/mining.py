@@ -13,8 +13,10 @@ Mining (Artetxe and Schwenk 2019, as used by LASER, XTREME and mSimCSE for BUCC)
 with knn_mean(x) the mean cosine of x to its k nearest neighbours on the other side.
 Each source sentence proposes its best-margin target among its k neighbours (forward),
 each target its best source (backward); the union of both lists, sorted by margin, is
-kept greedily 1-to-1. `knn_both` walks the similarity matrix in blocks of at most
-``block_elems`` entries, so memory stays bounded for corpora of any size.
+kept greedily 1-to-1. `knn_both` walks the similarity matrix in float32 GEMM blocks of at
+most ``block_elems`` entries, each computed once for both directions, and rescores only
+the final candidates in float64, so memory stays bounded for corpora of any size and the
+result is the one the float64 matrix gives.
 """
 from __future__ import annotations
 
@@ -22,7 +24,6 @@ import dataclasses
 
 import numpy as np
 
-DEFAULT_BLOCK_ELEMS = 1 << 22  # 4M float64 entries (32 MiB) per similarity block
 
 
 def l2_normalize(x: np.ndarray) -> np.ndarray:
@@ -53,70 +54,120 @@ def top1(query_unit: np.ndarray, target_unit: np.ndarray) -> np.ndarray:
     return np.argmax(cosine_matrix(query_unit, target_unit), axis=1)
 
 
-def _select_topk(values: np.ndarray, indices: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-    """Per row, the k entries first in (descending value, ascending index) order.
+DEFAULT_BLOCK_ELEMS = 1 << 22  # 4M float32 similarities (16 MiB) per block
+_GROUP = 16  # elements per group in the cheap k-th-largest lower bound (see `_kth_lower_bound`)
+_RESCORE_ROWS = 1 << 15  # candidate pairs rescored in float64 at once (2 x 32k x d x 8 bytes)
 
-    Args:
-      values: [r, m] float32. indices: [r, m] int64 global indices, distinct per row.
-    Returns:
-      (values [r, k'], indices [r, k']) sorted in that order, k' = min(k, m).
+
+def _kth_lower_bound(s: np.ndarray, k: int, axis: int) -> np.ndarray:
+    """Per row (axis=1) or column (axis=0) of s [r, m] float32, a value L with at least k
+    entries >= L, so L bounds the row's k-th largest over the whole matrix from below:
+    shape [r] or [m]. -inf where the block holds fewer than k entries per row.
+
+    Exact k-th largest for narrow blocks. For wide ones, the k-th largest of the maxima of
+    `_GROUP`-entry groups: k distinct groups each hold an entry >= it, and it costs one
+    pass over the block instead of a partition of every entry.
     """
-    r, m = values.shape
-    if m > k:
-        # The k-th largest value, then everything above it plus the lowest-index ties.
-        kth = -np.partition(-values, k - 1, axis=1)[:, k - 1 : k]
-        keep = values >= kth
-        for row in np.nonzero(keep.sum(axis=1) > k)[0]:
-            # More ties at the k-th value than free slots: keep the lowest-index ties.
-            at = np.nonzero(values[row] == kth[row, 0])[0]
-            need = k - int((values[row] > kth[row, 0]).sum())
-            keep[row, at[np.argsort(indices[row, at], kind="stable")[need:]]] = False
-        rows, cols = np.nonzero(keep)
-        values = values[rows, cols].reshape(r, k)
-        indices = indices[rows, cols].reshape(r, k)
-    order = np.lexsort((indices, -values), axis=-1)
-    return np.take_along_axis(values, order, axis=1), np.take_along_axis(indices, order, axis=1)
+    n = s.shape[axis]
+    g = n // _GROUP
+    if n < k:
+        return np.full(s.shape[1 - axis], -np.inf, np.float32)
+    if g < k:
+        return np.take(np.partition(s, n - k, axis=axis), n - k, axis=axis)
+    # Groups of strided entries, so each max is an elementwise max of contiguous slices.
+    if axis == 1:
+        gmax = s[:, : g * _GROUP].reshape(len(s), _GROUP, g).max(axis=1)
+    else:
+        gmax = s[: g * _GROUP].reshape(_GROUP, g, s.shape[1]).max(axis=0)
+    return np.take(np.partition(gmax, g - k, axis=axis), g - k, axis=axis)
 
 
-def _merge(run_v, run_i, new_v, new_i, k):
-    if run_v is None:
-        return _select_topk(new_v, new_i, k)
-    return _select_topk(np.concatenate([run_v, new_v], axis=1), np.concatenate([run_i, new_i], axis=1), k)
+def _finish_direction(q, t, v, n_q, k, eps, q_unit, t_unit):
+    """Exact top-k per query from float32 candidates (see `knn_both`).
+
+    q, t: int64 [c] query / target indices of candidate pairs; v: float32 [c] their float32
+    GEMM similarities; every pair with v >= (k-th largest v of its query) - 2 eps is present.
+    Returns (sim [n_q, k] float32, ind [n_q, k] int64) in (descending cosine, ascending index)
+    order, cosines as `cosine_matrix` computes them.
+    """
+    order = np.lexsort((-v, q))
+    q, t, v = q[order], t[order], v[order]
+    counts = np.bincount(q, minlength=n_q)
+    if counts.min() < k:
+        raise AssertionError(f"knn: a row has {counts.min()} < {k} candidates (internal error)")
+    starts = np.concatenate([[0], np.cumsum(counts)[:-1]])
+    kth = v[starts + k - 1]  # each query's k-th largest float32 similarity
+    keep = v >= kth[q] - 2 * eps
+    q, t = q[keep], t[keep]
+    exact = np.empty(len(q), np.float32)
+    for c0 in range(0, len(q), _RESCORE_ROWS):
+        a = q_unit[q[c0 : c0 + _RESCORE_ROWS]].astype(np.float64)
+        b = t_unit[t[c0 : c0 + _RESCORE_ROWS]].astype(np.float64)
+        exact[c0 : c0 + _RESCORE_ROWS] = np.einsum("cd,cd->c", a, b).astype(np.float32)
+    order = np.lexsort((t, -exact, q))
+    q, t, exact = q[order], t[order], exact[order]
+    counts = np.bincount(q, minlength=n_q)
+    starts = np.concatenate([[0], np.cumsum(counts)[:-1]])
+    pick = (starts[:, None] + np.arange(k)[None, :])  # [n_q, k]
+    return exact[pick], t[pick].astype(np.int64)
 
 
 def knn_both(x_unit: np.ndarray, y_unit: np.ndarray, k: int, block_elems: int = DEFAULT_BLOCK_ELEMS):
-    """k nearest neighbours by cosine, in both directions, in one blocked pass.
+    """Exact k nearest neighbours by cosine, in both directions, from one pass over the matrix.
+
+    Each block of the similarity matrix is one float32 GEMM, computed once and read for both
+    directions (x -> y along its rows, y -> x along its columns). A block keeps only the
+    entries that can still be among a row's (column's) k best: those within 2 eps of a lower
+    bound of its k-th largest, where eps bounds the float32 GEMM's error against the float64
+    cosine (|error| <= d 2^-24 |x| |y| for any summation order, plus the float32 rounding).
+    The survivors, about k per row per block, are cut to those within 2 eps of each row's
+    final k-th largest and rescored in float64 (`cosine_matrix`'s definition), so neighbours,
+    order and cosines are the same as sorting the full float64 matrix: an entry left out is
+    at least 2 eps below k entries, so its exact cosine is strictly below the k-th best.
 
     Args:
       x_unit: [nx, d] unit rows. y_unit: [ny, d] unit rows.
       k: neighbours per row (clipped to the other side's size).
-      block_elems: at most this many similarities are held at once (plus O((nx+ny) k)).
+      block_elems: float32 similarities held at once (4 bytes each) besides the candidates:
+        O((nx + ny) k) per block column/row, more where many entries tie at the k-th value.
     Returns:
       x2y_sim [nx, k] float32, x2y_ind [nx, k] int64, y2x_sim [ny, k], y2x_ind [ny, k];
       each row ordered by descending cosine, then ascending index.
     """
-    nx, ny = len(x_unit), len(y_unit)
+    x32 = np.ascontiguousarray(x_unit, dtype=np.float32)
+    y32 = np.ascontiguousarray(y_unit, dtype=np.float32)
+    nx, ny = len(x32), len(y32)
     if nx == 0 or ny == 0:
         raise ValueError(f"knn on an empty side: {nx} x {ny}")
+    if x32.ndim != 2 or y32.ndim != 2 or x32.shape[1] != y32.shape[1]:
+        raise ValueError(f"knn needs [n, d] rows of one width: got {x32.shape} and {y32.shape}")
+    d = x32.shape[1]
+    scale = float(np.linalg.norm(x32, axis=1).max()) * float(np.linalg.norm(y32, axis=1).max())
+    # Twice the worst-case float32 dot-product error bound, plus float32 rounding of the result.
+    eps = np.float32(2 * (d + 2) * 2.0**-24 * max(scale, 1.0) + 2.0**-23)
+    kx, ky = min(k, ny), min(k, nx)
     side = max(1, int(np.sqrt(block_elems)))
     bx = min(nx, side)
     by = min(ny, max(1, block_elems // bx))
-    x2y = [[None, None] for _ in range(0, nx, bx)]
-    y2x = [[None, None] for _ in range(0, ny, by)]
-    for xb, x0 in enumerate(range(0, nx, bx)):
-        xs = x_unit[x0 : x0 + bx].astype(np.float64)
-        for yb, y0 in enumerate(range(0, ny, by)):
-            sim = (xs @ y_unit[y0 : y0 + by].astype(np.float64).T).astype(np.float32)
-            rx, ry = sim.shape
-            y_idx = np.broadcast_to(np.arange(y0, y0 + ry, dtype=np.int64), (rx, ry))
-            x2y[xb] = list(_merge(*x2y[xb], sim, y_idx, k))
-            x_idx = np.broadcast_to(np.arange(x0, x0 + rx, dtype=np.int64), (ry, rx))
-            y2x[yb] = list(_merge(*y2x[yb], np.ascontiguousarray(sim.T), x_idx, k))
-    x2y_sim = np.concatenate([b[0] for b in x2y])
-    x2y_ind = np.concatenate([b[1] for b in x2y])
-    y2x_sim = np.concatenate([b[0] for b in y2x])
-    y2x_ind = np.concatenate([b[1] for b in y2x])
-    return x2y_sim, x2y_ind, y2x_sim, y2x_ind
+    run_x = np.full(nx, -np.inf, np.float32)  # lower bounds of each row's k-th largest so far
+    run_y = np.full(ny, -np.inf, np.float32)
+    cx, cy = [], []  # candidate (query, target, value) triples per direction
+    for x0 in range(0, nx, bx):
+        xs = x32[x0 : x0 + bx]
+        for y0 in range(0, ny, by):
+            s = xs @ y32[y0 : y0 + by].T  # [rx, ry] float32
+            rx, ry = s.shape
+            lo = np.maximum(run_x[x0 : x0 + rx], _kth_lower_bound(s, kx, axis=1))
+            run_x[x0 : x0 + rx] = lo
+            r, c = np.nonzero(s >= (lo - 2 * eps)[:, None])
+            cx.append((r + x0, c + y0, s[r, c]))
+            lo = np.maximum(run_y[y0 : y0 + ry], _kth_lower_bound(s, ky, axis=0))
+            run_y[y0 : y0 + ry] = lo
+            r, c = np.nonzero(s >= (lo - 2 * eps)[None, :])
+            cy.append((c + y0, r + x0, s[r, c]))
+    x2y = _finish_direction(*(np.concatenate(a) for a in zip(*cx)), nx, kx, eps, x32, y32)
+    y2x = _finish_direction(*(np.concatenate(a) for a in zip(*cy)), ny, ky, eps, y32, x32)
+    return (*x2y, *y2x)
 
 
 @dataclasses.dataclass(frozen=True)
