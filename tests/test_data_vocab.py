@@ -2,6 +2,7 @@
 import hashlib
 import logging
 
+import numpy as np
 import pytest
 import sentencepiece as spm
 
@@ -38,7 +39,7 @@ def test_builds_once_and_caches_by_content(monkeypatch, tmp_path, caplog):
         h.update(f.name.encode() + b"\0" + f.read_bytes() + b"\0")
     with caplog.at_level(logging.INFO):
         path = vocab.default_vocab_path(tmp_path / "data", cache_root=tmp_path / "cache")
-    assert path == str(tmp_path / "cache" / h.hexdigest() / "spiece.model")
+    assert path == str(tmp_path / "cache" / f"{h.hexdigest()}-{vocab.RECIPE}" / "spiece.model")
     assert "training a 35-piece SentencePiece vocabulary" in caplog.text
     sp = spm.SentencePieceProcessor(model_file=path)
     assert (sp.pad_id(), sp.eos_id(), sp.unk_id(), sp.bos_id(), sp.get_piece_size()) == (0, 1, 2, -1, 35)
@@ -52,3 +53,15 @@ def test_builds_once_and_caches_by_content(monkeypatch, tmp_path, caplog):
     monkeypatch.delenv("MST5_VOCAB", raising=False)
     monkeypatch.setattr(vocab, "VOCAB_SIZE", 35)
     assert vocab.default_vocab_path(tmp_path / "data", cache_root=tmp_path / "cache") != path
+
+
+def test_training_is_deterministic_and_the_sample_is_seeded(tmp_path):
+    """Two builds from the same sentences give the same bytes (the demo's numbers depend on it)."""
+    sentences = [f"sentence {i} {'abcdefgh'[i % 8] * (i % 5 + 1)} xnli {i * 7 % 13}" for i in range(400)]
+    a = vocab.train_sentencepiece(sentences, tmp_path / "a" / "spiece.model", vocab_size=60)
+    b = vocab.train_sentencepiece(list(sentences), tmp_path / "b" / "spiece.model", vocab_size=60)
+    assert a.read_bytes() == b.read_bytes()
+    sample = vocab.sample_sentences(sentences, size=100, seed=0)
+    rng_pick = sorted(np.random.default_rng(0).choice(400, size=100, replace=False))
+    assert sample == [sentences[i] for i in rng_pick]  # numpy's seeded choice, in input order
+    assert vocab.sample_sentences(sentences, size=1000) == sentences

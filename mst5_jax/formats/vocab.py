@@ -20,6 +20,8 @@ import os
 import pathlib
 from typing import Iterable, Optional
 
+import numpy as np
+
 from mst5_jax.datasets import xnli
 from mst5_jax.utils import paths
 from mst5_jax.utils.files import atomic_write
@@ -30,7 +32,8 @@ ENV_VAR = "MST5_VOCAB"
 DEFAULT_CACHE_ROOT = paths.CACHE_DIR / "vocab"
 # Small and quick: the CPU demo trains on it. 8000 pieces cover the 15 XNLI scripts.
 VOCAB_SIZE = 8000
-INPUT_SENTENCE_SIZE = 50_000  # of ~100k distinct sentences: ~15 s on 2 busy cores
+INPUT_SENTENCE_SIZE = 50_000  # of ~100k distinct sentences: ~50 s on 2 busy cores, once
+RECIPE = "unigram-8000-sample50k-pcg64seed0-1thread"  # part of the cache key: a new recipe, a new model
 CHARACTER_COVERAGE = 0.9995
 
 
@@ -46,24 +49,37 @@ def files_sha256(files: list[pathlib.Path]) -> str:
     return h.hexdigest()
 
 
+def sample_sentences(sentences: Iterable[str], size: int = INPUT_SENTENCE_SIZE, seed: int = 0) -> list[str]:
+    """`size` of `sentences`, drawn without replacement by numpy's PCG64 with `seed`, in input order.
+
+    SentencePiece's own sampler (``input_sentence_size`` + ``shuffle_input_sentence``) gave
+    a different model on each run even with ``set_random_generator_seed``, so the demo's
+    numbers moved between fresh clones; this sample is the same everywhere.
+    """
+    pool = list(sentences)
+    if len(pool) <= size:
+        return pool
+    keep = np.sort(np.random.default_rng(seed).choice(len(pool), size=size, replace=False))
+    return [pool[i] for i in keep]
+
+
 def train_sentencepiece(sentences: Iterable[str], out_path: pathlib.Path, *,
                         vocab_size: Optional[int] = None) -> pathlib.Path:
     """Trains a unigram SentencePiece model on `sentences` with mT5's special ids; writes it atomically.
 
-    The model depends on the sentences and their order (the input sample is seeded).
+    Deterministic: the same sentences in the same order give the same bytes on every machine
+    (one trainer thread: the EM statistics of several threads are summed in a varying order).
     Concurrent builders race harmlessly: the last complete file wins.
     """
     import sentencepiece as spm  # noqa: PLC0415
 
     vocab_size = vocab_size or VOCAB_SIZE
     buf = io.BytesIO()
-    spm.set_random_generator_seed(0)  # the sentence sample is then the same on every machine
     spm.SentencePieceTrainer.train(
-        sentence_iterator=iter(sentences), model_writer=buf, vocab_size=vocab_size,
+        sentence_iterator=iter(sample_sentences(sentences)), model_writer=buf, vocab_size=vocab_size,
         model_type="unigram", character_coverage=CHARACTER_COVERAGE,
         pad_id=0, eos_id=1, unk_id=2, bos_id=-1,
-        input_sentence_size=INPUT_SENTENCE_SIZE, shuffle_input_sentence=True,
-        num_threads=2, minloglevel=2)
+        input_sentence_size=0, shuffle_input_sentence=False, num_threads=1, minloglevel=2)
     out_path.parent.mkdir(parents=True, exist_ok=True)
     with atomic_write(out_path, "wb") as fh:
         fh.write(buf.getvalue())
@@ -78,7 +94,7 @@ def default_vocab_path(data_dir: Optional[str | os.PathLike], cache_root: Option
       cache_root: where cached models go; default ``<repo>/.cache/vocab``.
     Returns:
       ``$MST5_VOCAB`` if set, else the cached model's path (trained on first use, in about
-      15 s on two cores).
+      50 s on two cores).
     Raises:
       FileNotFoundError: no ``MST5_VOCAB`` and no local XNLI text; the message names both.
     """
@@ -94,7 +110,7 @@ def default_vocab_path(data_dir: Optional[str | os.PathLike], cache_root: Option
             "(e.g. the mT5 spiece.model, or gs://t5-data/vocabs/mc4.250000.100extra/sentencepiece.model), "
             f"or give a data_dir with the local XNLI files to build the cached vocabulary ({looked}).")
     root = pathlib.Path(cache_root) if cache_root is not None else DEFAULT_CACHE_ROOT
-    path = root / files_sha256(files) / "spiece.model"
+    path = root / f"{files_sha256(files)}-{RECIPE}" / "spiece.model"
     if path.is_file():
         log.info("Using the cached SentencePiece vocabulary %s (built from %d local XNLI files; "
                  "set %s to use another)", path, len(files), ENV_VAR)
