@@ -55,3 +55,62 @@ def test_notebook_runs_in_ci_mode(tmp_path, monkeypatch, data_dir):
     assert "4 steps; loss" in text
     assert "| tatoeba | swh |" in text and "| xsts | avg |" in text
     assert "transformers + peft vs mst5_jax: relative error" in text
+
+
+def _extras_requirements() -> tuple[set[str], dict[str, set[str]]]:
+    """Base dependencies and each extra's, as normalised distribution names (self-references expanded)."""
+    import re
+    import tomllib
+
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
+
+    def names(reqs):
+        return {re.split(r"[\s\[<>=!~;@]", r, maxsplit=1)[0].lower().replace("_", "-") for r in reqs}
+
+    extras = {k: list(v) for k, v in project["optional-dependencies"].items()}
+    resolved: dict[str, set[str]] = {}
+
+    def resolve(extra: str) -> set[str]:
+        if extra not in resolved:
+            out: set[str] = set()
+            for r in extras[extra]:
+                m = re.match(r"mst5_jax\[(.+)\]", r)
+                out |= set().union(*(resolve(e.strip()) for e in m.group(1).split(","))) if m else names([r])
+            resolved[extra] = out
+        return resolved[extra]
+
+    return names(project["dependencies"]), {e: resolve(e) for e in extras}
+
+
+def test_install_cell_covers_every_import():
+    """Every module the notebook imports comes from the extras its install cell names."""
+    import ast
+    import importlib.metadata
+    import re
+
+    nb = nbformat.read(NOTEBOOK, as_version=4)
+    code = [c.source for c in nb.cells if c.cell_type == "code"]
+    installs = re.findall(r"mst5_jax\[([a-z0-9_,]+)\]", "\n".join(code))
+    assert installs, "the notebook has no `pip install mst5_jax[...]` cell"
+    base, extras = _extras_requirements()
+    allowed = set(base)
+    for group in installs:
+        for extra in group.split(","):
+            assert extra in extras, f"install cell names extra [{extra}], which pyproject.toml lacks"
+            allowed |= extras[extra]
+    dist_of = importlib.metadata.packages_distributions()
+    missing = []
+    for src in code:
+        for node in ast.walk(ast.parse("\n".join(l for l in src.splitlines() if not l.lstrip().startswith(("!", "%"))))):
+            mods = ([a.name for a in node.names] if isinstance(node, ast.Import) else
+                    [node.module] if isinstance(node, ast.ImportFrom) and node.module and node.level == 0 else [])
+            for mod in mods:
+                top = mod.split(".")[0]
+                if mod == "mst5_jax.train" or mod.startswith("mst5_jax.training"):
+                    top = "gin"  # training parses gin configs: it needs gin-config installed
+                elif top in sys.stdlib_module_names or top in ("mst5_jax", "tasks"):
+                    continue
+                dists = {d.lower().replace("_", "-") for d in dist_of.get(top, [top])}
+                if not dists & allowed:
+                    missing.append(f"{mod} (from {sorted(dists)})")
+    assert not missing, f"imported by the notebook but not installed by mst5_jax[{','.join(installs)}]: {missing}"
