@@ -51,7 +51,6 @@ import shlex
 import shutil
 from typing import Optional, Sequence
 
-from mst5_jax.formats import huggingface
 from mst5_jax.utils import cli
 
 log = logging.getLogger("mst5_jax.convert")
@@ -257,7 +256,9 @@ def convert(args) -> pathlib.Path:
     out = cli.check_output(args.output, [args.input, args.adapter, args.base], args.overwrite)
     try:
         enc, sources, run_info, base_ref = load_input(args)
-    except huggingface.CheckpointError as e:
+    except ConvertError:
+        raise
+    except ValueError as e:  # the loaders' bad-weights/config errors (CheckpointError, LoRAError, JSON, ...)
         raise ConvertError(f"{e}; pass a model directory that loads with SentenceEncoder.from_pretrained") from e
     to = args.to
     if to == "hf" and enc.config.projection_dim:

@@ -57,9 +57,11 @@ def convert_fails(capsys, *args) -> str:
     capsys.readouterr()
     assert convert_main([str(a) for a in args]) == cli.EXIT_USER_ERROR
     err = capsys.readouterr().err
-    assert "Traceback" not in err and err.startswith("python -m mst5_jax.convert: error: "), err
-    assert 1 <= len(err.strip().splitlines()) <= 2, err
-    return err
+    prefix = "python -m mst5_jax.convert: error: "
+    assert "Traceback" not in err and prefix in err, err
+    message = err[err.index(prefix):]  # log lines may come before it
+    assert 1 <= len(message.strip().splitlines()) <= 2, err
+    return message
 
 
 def card_license(d):
@@ -218,8 +220,8 @@ def test_errors_say_what_to_do(tiny_hf_model_dir, tmp_path, capsys):
     assert "does not exist; create it first" in err
     broken = tmp_path / "broken"
     broken.mkdir()
-    (broken / "config.json").write_text("{}")
-    assert "broken" in convert_fails(capsys, "--input", broken, "--to", "hf", "--output", tmp_path / "s")
+    (broken / "config.json").write_text("{")
+    assert str(broken) in convert_fails(capsys, "--input", broken, "--to", "hf", "--output", tmp_path / "s")
     assert not [p.name for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temporary leftovers
     with pytest.raises(ConvertError, match="no LoRA factors"):  # --debug: the exception and its traceback
         convert_main(["--input", str(tiny_hf_model_dir), "--to", "peft", "--output", str(tmp_path / "p"), "--debug"])
@@ -312,10 +314,14 @@ def test_task_datasets_match_the_registry():
     from tasks import registry
 
     for name, task in registry.TASKS.items():
+        if not name.startswith("mst5_"):
+            continue  # tasks other tests registered
         source = inspect.getsource(task.build)
         expected = ({"XNLI"} if "load_xnli" in source else set()) | (
             {"SNLI", "MultiNLI"} if '"snli"' in source and '"multi_nli"' in source else set())
         assert expected and set(convert_module.task_datasets(name)) == expected, name
     for name, mix in registry.MIXTURES.items():
+        if not name.startswith("mst5_"):
+            continue
         expected = set().union(*(convert_module.task_datasets(t) for t in mix.task_names))
         assert set(convert_module.task_datasets(name)) == expected, name
