@@ -18,7 +18,7 @@
 #   1. Here, stage Tatoeba for the e2e row (../shared does not travel to the device machine;
 #      .cache/ is git-ignored, so it travels only when carried):
 #        mkdir -p .cache/bench_data/tatoeba && for l in deu fra spa rus cmn jpn ara hin tur vie kor pol; do
-#          cp /work/shared/data/tatoeba/tatoeba.$l-eng.* .cache/bench_data/tatoeba/; done
+#          cp ../shared/data/tatoeba/tatoeba.$l-eng.* .cache/bench_data/tatoeba/; done
 #   2. device tool `run`:  command "bash benchmarks/run_on_gpu.sh",  carry [".cache/bench_data"],
 #      timeout_s 420. The bench stops itself at 300 s (--budget), this script at 330 s; the
 #      rest of the 15 device minutes covers the machine start and one rerun on the warm

@@ -23,8 +23,13 @@ Outputs (`--to`):
 
 Every output gets a README.md model card naming its inputs and their licences, and the
 most restrictive one in its front matter: the m-ST5 adapter (pkshatech/m-ST5) and XNLI
-(the training data of m-ST5 and of this project's runs) are CC BY-NC 4.0; mT5 and T5 are
-Apache-2.0. `--license` adds a licence the inputs do not state.
+(the training data of m-ST5 and of this project's XNLI tasks) are CC BY-NC 4.0; mT5 and T5
+are Apache-2.0. A run's training data comes from the task its run.json records
+(`TASK_DATASETS`); its base model is named only when it had one (not when it was trained
+from random initialisation). `--license` adds a licence the inputs do not state.
+
+The output directory is written beside its final place and renamed there once complete; an
+existing output is refused without `--overwrite`, and an output equal to an input is refused.
 
 T5X checkpoints (Google's native `gs://t5-data/pretrained_models/t5x/mt5_*`) are not read
 here. Route: convert them to Hugging Face format first with transformers' script
@@ -39,11 +44,14 @@ import argparse
 import datetime
 import json
 import logging
+import os
 import pathlib
 import re
 import shlex
-import sys
+import shutil
 from typing import Optional, Sequence
+
+from mst5_jax.utils import cli
 
 log = logging.getLogger("mst5_jax.convert")
 
@@ -51,10 +59,32 @@ KINDS_IN = ("hf", "st", "run", "peft")
 KINDS_OUT = ("hf", "st", "peft")
 CC_BY_NC = "cc-by-nc-4.0"
 APACHE = "apache-2.0"
-_RESTRICTIVENESS = [CC_BY_NC, "cc-by-sa-4.0", "cc-by-4.0", APACHE, "mit"]
+CC_BY_SA = "cc-by-sa-4.0"
+_RESTRICTIVENESS = [CC_BY_NC, CC_BY_SA, "cc-by-4.0", APACHE, "mit"]
+
+DATASET_LICENCES = {
+    "XNLI": CC_BY_NC,  # XNLI 1.0 and XNLI-MT-1.0 (its machine-translated MultiNLI train set)
+    "SNLI": CC_BY_SA,
+    "MultiNLI": "other (OANC's licence; parts CC BY-SA 3.0)",
+}
+TASK_DATASETS = {
+    "mst5_xnli_cross": ("XNLI",), "mst5_xnli_mono": ("XNLI",), "mst5_nli_en_xnli": ("XNLI",),
+    "mst5_xnli_parallel": ("XNLI",), "mst5_nli_en": ("SNLI", "MultiNLI"),
+    "mst5_msimcse_cross_all": ("XNLI", "SNLI", "MultiNLI"), "mst5_demo_cpu": ("XNLI",),
+}
+"""Datasets each built-in task or mixture of tasks/registry.py reads (mst5_xnli_mono_<lang>:
+XNLI). Kept here because importing `tasks` pulls in seqio and TensorFlow;
+tests/test_convert.py checks it against the registry."""
 
 
-class ConvertError(ValueError):
+def task_datasets(task: str) -> Optional[tuple[str, ...]]:
+    """The datasets a built-in task reads, or None for a task this table does not know."""
+    if task.startswith("mst5_xnli_mono_"):
+        return ("XNLI",)
+    return TASK_DATASETS.get(task)
+
+
+class ConvertError(cli.UserError, ValueError):
     """A conversion that cannot be done as asked (the message says why and what to do)."""
 
 
@@ -106,7 +136,8 @@ def input_licences(sources: dict[str, Optional[str]], run_info: Optional[dict] =
             continue
         p = pathlib.Path(name)
         lic = _card_license(p) if p.is_dir() else None
-        low = name.lower()
+        hub = re.search(r"models--([^/\\]+?)--([^/\\]+)", name)  # a hub id's local cache snapshot
+        low = (f"{hub.group(1)}/{hub.group(2)}" if hub else name).lower()
         if lic is None and "m-st5" in low:
             lic = CC_BY_NC
         if lic is None and re.match(r"(mt5|t5)([-_.]|$)", low.rstrip("/").rsplit("/", 1)[-1]):
@@ -115,9 +146,13 @@ def input_licences(sources: dict[str, Optional[str]], run_info: Optional[dict] =
         if "m-st5" in low:
             out.append(("training data of " + role, "XNLI (via m-ST5)", CC_BY_NC))
     if run_info is not None:
-        task = str(run_info.get("task", ""))
-        if "xnli" in task.lower():
-            out.append(("training data", f"XNLI (task {task})", CC_BY_NC))
+        task = str(run_info.get("task") or "")
+        datasets = task_datasets(task)
+        if datasets is None:
+            out.append(("training data", f"task {task or '(not recorded)'}",
+                        "unknown (not a built-in task: state its data's licence with --license)"))
+        for d in datasets or ():
+            out.append(("training data", f"{d} (task {task})", DATASET_LICENCES[d]))
     return out
 
 
@@ -131,27 +166,30 @@ def most_restrictive(licences: Sequence[str]) -> str:
 
 
 def write_model_card(out: pathlib.Path, kind_out: str, licences: list[tuple[str, str, str]], command: str,
-                     encoder) -> None:
+                     encoder, final: Optional[pathlib.Path] = None, random_init: bool = False) -> None:
+    """README.md in `out`, describing the model as it will be found at `final` (default `out`)."""
+    final = final or out
     lic = most_restrictive([l for _, _, l in licences])
     cfg = encoder.config
     rows = "\n".join(f"| {role} | `{name}` | {l} |" for role, name, l in licences)
     nc = ("\n**Non-commercial use only**: at least one input is licensed CC BY-NC 4.0, and so is this "
           "derived model.\n" if lic == CC_BY_NC else "")
     use = {
-        "hf": f'from mst5_jax import SentenceEncoder\nenc = SentenceEncoder.from_pretrained("{out}")',
-        "st": f'from sentence_transformers import SentenceTransformer\nmodel = SentenceTransformer("{out}")',
-        "peft": (f'from mst5_jax import SentenceEncoder\nenc = SentenceEncoder.from_pretrained(BASE, adapter="{out}")'),
+        "hf": f'from mst5_jax import SentenceEncoder\nenc = SentenceEncoder.from_pretrained("{final}")',
+        "st": f'from sentence_transformers import SentenceTransformer\nmodel = SentenceTransformer("{final}")',
+        "peft": (f'from mst5_jax import SentenceEncoder\nenc = SentenceEncoder.from_pretrained(BASE, adapter="{final}")'),
     }[kind_out]
     text = f"""---
 license: {lic}
 library_name: {"sentence-transformers" if kind_out == "st" else ("peft" if kind_out == "peft" else "transformers")}
 tags: [sentence-embeddings, mst5_jax]
 ---
-# {out.name}
+# {final.name}
 
 Written by `mst5_jax.convert` on {datetime.date.today().isoformat()} ({kind_out} format).
 Encoder: {cfg.num_layers} layers, d_model {cfg.d_model}, {cfg.feed_forward} feed-forward,
 {cfg.pooling} pooling{f", projection to {cfg.projection_dim}" if cfg.projection_dim else ""}{", L2-normalised" if cfg.normalize else ""}; embedding width {cfg.embedding_dim}.
+{"Trained from random initialisation: there is no pretrained base model." if random_init else ""}
 
 ## Inputs and licences
 | role | input | licence |
@@ -188,10 +226,15 @@ def load_input(args) -> tuple[object, dict, Optional[dict], Optional[str]]:
 
         run_info = run_checkpoints.read_run_info(inp)
         enc = SentenceEncoder.from_pretrained(inp, step=args.step, dtype="float32")
-        base = run_info.get("base", {})
-        if base.get("path"):
-            base_ref = str((inp / base["path"]).resolve() if base.get("random_init") else base["path"])
-        sources = {"training run": str(inp.resolve()), "base": base_ref}
+        base = run_info.get("base") or {}
+        if base.get("random_init"):
+            # No base model: a LoRA run keeps its random base weights in RUN/base (a peft
+            # output points there); a full fine-tune has none.
+            base_ref = str((inp / base["path"]).resolve()) if (inp / base.get("path", "base")).is_dir() else None
+            sources = {"training run": str(inp.resolve())}
+        else:
+            base_ref = base.get("path")
+            sources = {"training run": str(inp.resolve()), "base": base_ref}
     elif kind == "peft":
         cfg = json.loads((inp / "adapter_config.json").read_text())
         base_ref = args.base or cfg.get("base_model_name_or_path")
@@ -209,27 +252,50 @@ def load_input(args) -> tuple[object, dict, Optional[dict], Optional[str]]:
 
 
 def convert(args) -> pathlib.Path:
-    enc, sources, run_info, base_ref = load_input(args)
-    out = pathlib.Path(args.output)
-    if out.exists() and any(out.iterdir()) and not args.overwrite:
-        raise ConvertError(f"--output {out} exists and is not empty; pass --overwrite")
+    """Writes `args.output` (see the module docstring); returns its path."""
+    out = cli.check_output(args.output, [args.input, args.adapter, args.base], args.overwrite)
+    try:
+        enc, sources, run_info, base_ref = load_input(args)
+    except ConvertError:
+        raise
+    except ValueError as e:  # the loaders' bad-weights/config errors (CheckpointError, LoRAError, JSON, ...)
+        raise ConvertError(f"{e}; pass a model directory that loads with SentenceEncoder.from_pretrained") from e
     to = args.to
+    if to == "hf" and enc.config.projection_dim:
+        raise ConvertError(f"{args.input}: the model has a Dense projection ({enc.config.d_model} -> "
+                           f"{enc.config.projection_dim}), which the Hugging Face layout cannot hold; "
+                           "convert with --to st instead")
+    if to == "peft" and not enc._has_lora():
+        raise ConvertError(f"{args.input}: the model has no LoRA factors to write as a PEFT adapter "
+                           "(a full fine-tune goes --to hf or --to st)")
+    tmp = out.with_name(f".{out.name}.convert-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        _write(enc, to, tmp, base_ref, args)
+        licences = input_licences(sources, run_info) + [("added by --license", "(user)", l) for l in args.license]
+        random_init = bool(run_info and (run_info.get("base") or {}).get("random_init"))
+        write_model_card(tmp, to, licences, "python -m mst5_jax.convert " + " ".join(map(shlex.quote, args.argv)),
+                         enc, final=out, random_init=random_init)
+        _replace_dir(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    log.info("wrote %s (%s)", out, to)
+    return out
+
+
+def _write(enc, to: str, out: pathlib.Path, base_ref: Optional[str], args) -> None:
     if to == "hf":
-        if enc.config.projection_dim:
-            raise ConvertError(f"{args.input}: the model has a Dense projection ({enc.config.d_model} -> "
-                               f"{enc.config.projection_dim}), which the Hugging Face layout cannot hold; "
-                               "convert with --to st instead")
         if enc.config.normalize or enc.config.pooling != "mean":
             log.warning("%s: pooling=%s, normalize=%s are recorded in config.json's mst5_jax block, which "
                         "SentenceEncoder reads; plain transformers users must apply them themselves",
-                        out, enc.config.pooling, enc.config.normalize)
+                        args.output, enc.config.pooling, enc.config.normalize)
         enc.save_pretrained(out, format="hf", merge_lora=True, dtype=args.dtype)
     elif to == "st":
         from mst5_jax.formats import st_format
 
         out.mkdir(parents=True, exist_ok=True)
         st_format.save(enc, out, merge_lora=True, max_seq_length=args.max_seq_length, dtype=args.dtype)
-    elif to == "peft":
+    else:
         from mst5_jax.core import lora
         from mst5_jax.formats import peft
 
@@ -238,45 +304,53 @@ def convert(args) -> pathlib.Path:
                                "(a full fine-tune goes --to hf or --to st)")
         peft.save_peft_adapter(enc.model, out, base_model_name_or_path=base_ref)
         enc.tokenizer.save(out)
-    else:
-        raise ConvertError(f"--to {to}: expected one of {KINDS_OUT}")
-    licences = input_licences(sources, run_info) + [("added by --license", "(user)", l) for l in args.license]
-    write_model_card(out, to, licences, "python -m mst5_jax.convert " + " ".join(map(shlex.quote, args.argv)), enc)
-    log.info("wrote %s (%s)", out, to)
-    return out
+
+
+def _replace_dir(new: pathlib.Path, out: pathlib.Path) -> None:
+    """Moves the complete `new` to `out`; an old `out` is removed only after the new one is in place."""
+    old = out.with_name(f".{out.name}.old-{os.getpid()}")
+    if out.exists():
+        os.replace(out, old)
+    try:
+        os.replace(new, out)
+    except BaseException:
+        if old.exists() and not out.exists():
+            os.replace(old, out)
+        raise
+    if old.is_dir():
+        shutil.rmtree(old)
+    elif old.exists():
+        old.unlink()
+
+
+EXAMPLE = "python -m mst5_jax.convert --input /tmp/mst5_demo_cpu --to st --output /tmp/mst5_demo_cpu_st"
 
 
 def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="python -m mst5_jax.convert", description=__doc__.split("\n")[0],
-                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    ap = cli.parser("python -m mst5_jax.convert", __doc__, example=EXAMPLE)
     ap.add_argument("--input", required=True, help="hf, st, run or peft directory")
-    ap.add_argument("--from", dest="input_kind", default=None, choices=KINDS_IN, help="input kind (default: detect)")
+    ap.add_argument("--from", dest="input_kind", default=None, choices=KINDS_IN, help="input kind; detected from the files when not given")
     ap.add_argument("--adapter", default=None, help="PEFT adapter applied to an hf/st input")
-    ap.add_argument("--base", default=None, help="base model of a peft input (default: its base_model_name_or_path)")
+    ap.add_argument("--base", default=None, help="base model of a peft input; when not given, the adapter's base_model_name_or_path")
     ap.add_argument("--step", default="latest", help="run input: latest, best or a step number")
-    ap.add_argument("--to", required=True, choices=KINDS_OUT)
-    ap.add_argument("--output", required=True)
-    ap.add_argument("--dtype", default=None, choices=("float32", "bfloat16"), help="stored weight dtype")
+    ap.add_argument("--to", required=True, choices=KINDS_OUT, help="output format")
+    ap.add_argument("--output", required=True, help="output directory (must not exist, unless --overwrite)")
+    ap.add_argument("--dtype", default=None, choices=("float32", "bfloat16"),
+                    help="stored weight dtype; when not given, the input's")
     ap.add_argument("--max_seq_length", type=int, default=512, help="st output: sentence_bert_config max_seq_length")
-    ap.add_argument("--license", action="append", default=[], help="a licence to add to the model card")
-    ap.add_argument("--overwrite", action="store_true")
+    ap.add_argument("--license", action="append", default=[], help="a licence to add to the model card (repeatable)")
+    ap.add_argument("--overwrite", action="store_true",
+                    help="replace an existing --output, once the new one is complete")
     return ap
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
+    argv = cli.argv_list(argv)
     args = build_parser().parse_args(argv)
     args.argv = argv
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-                        stream=sys.stderr)
-    from mst5_jax.inference.encoder import LOAD_ERRORS
-
-    try:
-        convert(args)
-    except (ConvertError, *LOAD_ERRORS) as e:
-        raise SystemExit(f"convert: {e}") from None
-    return 0
+    cli.setup_logging(args.verbose)
+    return cli.run(lambda: convert(args) and 0, "python -m mst5_jax.convert", debug=args.debug)
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    raise SystemExit(main())

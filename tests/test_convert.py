@@ -4,8 +4,11 @@ References: HF PyTorch (`MT5EncoderModel` + masked mean), peft (`PeftModel` on t
 base) and sentence-transformers (`SentenceTransformer(path)`), on real Tatoeba lines.
 """
 import dataclasses
+import inspect
+import json
 import pathlib
 import re
+import shutil
 
 import numpy as np
 import pytest
@@ -13,7 +16,9 @@ import torch
 
 from fixtures_models import tiny_hf_model_dir, tiny_t5_model_dir  # noqa: F401
 from hf_reference import rel_err
+from mst5_jax import convert as convert_module
 from mst5_jax.convert import ConvertError, main as convert_main
+from mst5_jax.utils import cli
 from mst5_jax.inference.encoder import SentenceEncoder
 
 SENTS_FILES = ("deu", "fra", "rus", "ara")
@@ -44,7 +49,19 @@ def ours(path, sentences, **kw):
 
 
 def convert(*args):
-    return convert_main([str(a) for a in args])
+    assert convert_main([str(a) for a in args]) == 0
+
+
+def convert_fails(capsys, *args) -> str:
+    """Runs the CLI expecting a user error: exit 2, one or two lines on stderr, no traceback."""
+    capsys.readouterr()
+    assert convert_main([str(a) for a in args]) == cli.EXIT_USER_ERROR
+    err = capsys.readouterr().err
+    prefix = "python -m mst5_jax.convert: error: "
+    assert "Traceback" not in err and prefix in err, err
+    message = err[err.index(prefix):]  # log lines may come before it
+    assert 1 <= len(message.strip().splitlines()) <= 2, err
+    return message
 
 
 def card_license(d):
@@ -102,7 +119,7 @@ def test_hf_to_st_to_hf(tiny_hf_model_dir, sentences, tmp_path):
     np.testing.assert_array_equal(a, c)
 
 
-def test_st5_with_dense_to_st_and_not_hf(tiny_t5_model_dir, sentences, tmp_path):
+def test_st5_with_dense_to_st_and_not_hf(tiny_t5_model_dir, sentences, tmp_path, capsys):
     from sentence_transformers import SentenceTransformer, models
 
     t = models.Transformer(str(tiny_t5_model_dir))
@@ -116,8 +133,8 @@ def test_st5_with_dense_to_st_and_not_hf(tiny_t5_model_dir, sentences, tmp_path)
     convert("--input", src, "--to", "st", "--output", out)
     assert rel_err(SentenceTransformer(str(out), device="cpu").encode(sentences), ref) < 1e-4
     np.testing.assert_array_equal(ours(out, sentences), ours(src, sentences))
-    with pytest.raises(SystemExit, match="--to st"):
-        convert("--input", src, "--to", "hf", "--output", tmp_path / "nope")
+    assert "--to st" in convert_fails(capsys, "--input", src, "--to", "hf", "--output", tmp_path / "nope")
+    assert not (tmp_path / "nope").exists()
     assert card_license(out) == "other" and "unknown (not stated in the input)" in (out / "README.md").read_text()
 
 
@@ -187,15 +204,124 @@ def test_run_to_hf_peft_st(lora_run, tiny_hf_model_dir, sentences, tmp_path):
     np.testing.assert_array_equal(ours(st2, sentences), ours(st, sentences))
 
 
-def test_errors_say_what_to_do(tiny_hf_model_dir, tmp_path):
-    with pytest.raises(SystemExit, match="no LoRA factors"):
-        convert("--input", tiny_hf_model_dir, "--to", "peft", "--output", tmp_path / "p")
+def test_errors_say_what_to_do(tiny_hf_model_dir, tmp_path, capsys):
+    assert "no LoRA factors" in convert_fails(capsys, "--input", tiny_hf_model_dir, "--to", "peft",
+                                              "--output", tmp_path / "p")
     t5x = tmp_path / "t5x_ckpt"
     t5x.mkdir()
     (t5x / "checkpoint").write_bytes(b"msgpack")
-    with pytest.raises(SystemExit, match="T5X checkpoint.*convert_t5x_checkpoint_to_pytorch"):
-        convert("--input", t5x, "--to", "hf", "--output", tmp_path / "q")
-    (tmp_path / "full").mkdir()
-    (tmp_path / "full" / "x").write_text("")
-    with pytest.raises(SystemExit, match="exists and is not empty"):
-        convert("--input", tiny_hf_model_dir, "--to", "hf", "--output", tmp_path / "full")
+    assert re.search("T5X checkpoint.*convert_t5x_checkpoint_to_pytorch",
+                     convert_fails(capsys, "--input", t5x, "--to", "hf", "--output", tmp_path / "q"))
+    err = convert_fails(capsys, "--input", tmp_path / "missing", "--to", "hf", "--output", tmp_path / "r")
+    assert f"{tmp_path / 'missing'}: not a directory" in err
+    err = convert_fails(capsys, "--input", tiny_hf_model_dir, "--to", "hf", "--output", tiny_hf_model_dir)
+    assert "is also an input" in err
+    err = convert_fails(capsys, "--input", tiny_hf_model_dir, "--to", "hf", "--output", tmp_path / "no" / "dir")
+    assert "does not exist; create it first" in err
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "config.json").write_text("{")
+    assert str(broken) in convert_fails(capsys, "--input", broken, "--to", "hf", "--output", tmp_path / "s")
+    assert not [p.name for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temporary leftovers
+    with pytest.raises(ConvertError, match="no LoRA factors"):  # --debug: the exception and its traceback
+        convert_main(["--input", str(tiny_hf_model_dir), "--to", "peft", "--output", str(tmp_path / "p"), "--debug"])
+
+
+def test_outputs_are_never_destroyed(tiny_hf_model_dir, sentences, tmp_path, capsys):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("old")
+    err = convert_fails(capsys, "--input", tiny_hf_model_dir, "--to", "hf", "--output", out)
+    assert "exists; pass --overwrite" in err and (out / "keep.txt").read_text() == "old"
+    # A failing --overwrite leaves the old output as it was.
+    convert_fails(capsys, "--input", tiny_hf_model_dir, "--to", "peft", "--output", out, "--overwrite")
+    assert sorted(p.name for p in out.iterdir()) == ["keep.txt"]
+    convert("--input", tiny_hf_model_dir, "--to", "hf", "--output", out, "--overwrite")
+    assert not (out / "keep.txt").exists() and (out / "README.md").is_file()
+    np.testing.assert_array_equal(ours(out, sentences), ours(tiny_hf_model_dir, sentences))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+
+
+def test_help_shows_every_flag_default_and_example_once(capsys):
+    with pytest.raises(SystemExit) as e:
+        convert_main(["--help"])
+    assert e.value.code == 0
+    text = capsys.readouterr().out
+    title = convert_module.__doc__.strip().splitlines()[0]
+    assert text.count(title) == 1
+    assert "example:\n  python -m mst5_jax.convert --input" in text
+    flags = [a for a in convert_module.build_parser()._actions if a.option_strings and a.dest != "help"]
+    options = text.split("options:", 1)[1]
+    for action in flags:
+        block = options.split(action.option_strings[-1], 1)[1].split("\n  --", 1)[0]
+        assert "(default:" in block, action.option_strings
+
+
+
+def _run_variant(lora_run, root: pathlib.Path, task: str, base_dir=None) -> pathlib.Path:
+    """A copy of `lora_run` recording another task; with `base_dir`, trained from random init."""
+    run = root / f"run_{task}"
+    shutil.copytree(lora_run, run)
+    info = json.loads((run / "run.json").read_text())
+    info["task"] = task
+    if base_dir is not None:  # what train.py records and writes for a LoRA run without PRETRAINED
+        shutil.copytree(base_dir, run / "base")
+        info["base"] = {"path": "base", "random_init": True}
+    (run / "run.json").write_text(json.dumps(info))
+    return run
+
+
+def _card_rows(d: pathlib.Path) -> dict[str, list[tuple[str, str]]]:
+    rows = {}
+    for role, name, lic in re.findall(r"^\| ([^|]+) \| `([^`]+)` \| ([^|]+) \|$", (d / "README.md").read_text(), re.M):
+        rows.setdefault(role.strip(), []).append((name, lic.strip()))
+    return rows
+
+
+def test_model_card_takes_licence_and_data_from_the_run_task(lora_run, tiny_hf_model_dir, tmp_path):
+    # An mSimCSE run from random init: XNLI + SNLI + MultiNLI, CC BY-NC 4.0, no base model named.
+    run = _run_variant(lora_run, tmp_path, "mst5_msimcse_cross_all", base_dir=tiny_hf_model_dir)
+    out = tmp_path / "msimcse_hf"
+    convert("--input", run, "--to", "hf", "--output", out)
+    rows, card = _card_rows(out), (out / "README.md").read_text()
+    assert card_license(out) == "cc-by-nc-4.0" and "Non-commercial" in card
+    assert rows["training data"] == [("XNLI (task mst5_msimcse_cross_all)", "cc-by-nc-4.0"),
+                                     ("SNLI (task mst5_msimcse_cross_all)", "cc-by-sa-4.0"),
+                                     ("MultiNLI (task mst5_msimcse_cross_all)", "other (OANC's licence; parts CC BY-SA 3.0)")]
+    assert "base" not in rows and "random initialisation" in card and str(run / "base") not in card
+    # A peft output of that run still points at the run's own random base, which exists.
+    ad = tmp_path / "msimcse_peft"
+    convert("--input", run, "--to", "peft", "--output", ad)
+    base_ref = json.loads((ad / "adapter_config.json").read_text())["base_model_name_or_path"]
+    assert pathlib.Path(base_ref).is_dir() and pathlib.Path(base_ref) == (run / "base").resolve()
+    # The demo's task reads XNLI only; its pretrained base is named with its own licence.
+    out = tmp_path / "demo_st"
+    convert("--input", _run_variant(lora_run, tmp_path, "mst5_demo_cpu"), "--to", "st", "--output", out)
+    rows = _card_rows(out)
+    assert rows["training data"] == [("XNLI (task mst5_demo_cpu)", "cc-by-nc-4.0")]
+    assert rows["base"] == [(str(tiny_hf_model_dir), "unknown (not stated in the input)")]
+    assert card_license(out) == "cc-by-nc-4.0"
+    # A user's own task: the card says the data licence is unknown and the front matter is "other".
+    out = tmp_path / "mine_hf"
+    convert("--input", _run_variant(lora_run, tmp_path, "my_nli"), "--to", "hf", "--output", out)
+    assert card_license(out) == "other"
+    assert _card_rows(out)["training data"] == [
+        ("task my_nli", "unknown (not a built-in task: state its data's licence with --license)")]
+
+
+def test_task_datasets_match_the_registry():
+    """Every built-in task's datasets, read off what tasks/registry.py's builders call."""
+    from tasks import registry
+
+    for name, task in registry.TASKS.items():
+        if not name.startswith("mst5_"):
+            continue  # tasks other tests registered
+        source = inspect.getsource(task.build)
+        expected = ({"XNLI"} if "load_xnli" in source else set()) | (
+            {"SNLI", "MultiNLI"} if '"snli"' in source and '"multi_nli"' in source else set())
+        assert expected and set(convert_module.task_datasets(name)) == expected, name
+    for name, mix in registry.MIXTURES.items():
+        if not name.startswith("mst5_"):
+            continue
+        expected = set().union(*(convert_module.task_datasets(t) for t in mix.task_names))
+        assert set(convert_module.task_datasets(name)) == expected, name
