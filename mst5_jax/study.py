@@ -6,7 +6,7 @@
     python -m mst5_jax.study --sizes tiny-16,tiny-32,tiny-64 --setting cross --data local \\
         --recipe demo_cpu.gin --tasks xnli_retrieval,xsts --out /tmp/study    # CPU, minutes
 
-For each size it trains (`mst5_jax.train.run`, resumed when MODEL_DIR already holds the
+For each size it trains (`mst5_jax.training.trainer.run`, resumed when MODEL_DIR already holds the
 run) or takes an existing run / HF directory (`--runs`), evaluates every size with the same
 tasks (`mst5_jax.evaluate.run`), and writes to `--out`:
 
@@ -41,6 +41,7 @@ import sys
 from typing import Any, Callable, Optional, Sequence
 
 import numpy as np
+from mst5_jax.training import gin_utils
 from mst5_jax.utils import paths
 
 REPO_ROOT = paths.REPO_ROOT
@@ -124,13 +125,9 @@ def training_bindings(size: Size, setting: str, data: str, model_dir: pathlib.Pa
 def train_config(size: Size, recipe: Sequence[str], setting: str, data: str, model_dir: pathlib.Path,
                  extra_bindings: Sequence[str]):
     """The parsed `TrainConfig` of one size (applies `tasks.configure`'s gin bindings too)."""
-    from mst5_jax import train
-
-    cfg = train.parse_gin([*recipe, *size.gin_files],
-                          [*training_bindings(size, setting, data, model_dir), *extra_bindings])
-    import tasks
-
-    tasks.configure()
+    cfg = gin_utils.parse_gin([*recipe, *size.gin_files],
+                              [*training_bindings(size, setting, data, model_dir), *extra_bindings])
+    gin_utils.configure_tasks()
     return cfg
 
 
@@ -550,14 +547,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                   f"mesh {report['mesh']}, {report['total_gib']:.2f} GiB per device", flush=True)
         return 0
 
-    from mst5_jax import train
+    from mst5_jax.training import trainer  # imports `tasks`: after MST5_NO_SEQIO is set
 
     records = []
     for size in sizes:
         run_dir = out / "runs" / size.name
         cfg = train_config(size, recipe, args.setting, args.data, run_dir, extra)
         print(f"[study] training {size.name} -> {run_dir}", file=sys.stderr, flush=True)
-        train.run(cfg)
+        trainer.run(cfg)
         records.append(_evaluate_size(size.name, str(run_dir), None, args, tasks, task_kwargs, out))
     for name, path in runs.items():
         records.append(_evaluate_size(name, path, adapters.get(name), args, tasks, task_kwargs, out))

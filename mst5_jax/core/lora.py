@@ -67,7 +67,6 @@ from flax import nnx
 
 from mst5_jax.formats.huggingface import CheckpointError, SafetensorsFile, hf_names, write_safetensors
 from mst5_jax.core.config import EncoderConfig
-from mst5_jax.utils.optional_gin import gin_or_none
 from mst5_jax.core.model import LoRAParam, LoRAScale, SentenceModel, abstract_model, count_params, path_str
 
 log = logging.getLogger(__name__)
@@ -134,11 +133,6 @@ class LoRAConfig:
 
     def scaling(self, r: int, alpha: float) -> float:
         return alpha / math.sqrt(r) if self.use_rslora else alpha / r
-
-
-_gin = gin_or_none()  # gin is an extra: the core imports without it.
-if _gin is not None:
-    _gin.external_configurable(LoRAConfig, module="mst5_jax.core.lora")
 
 
 # ---------------------------------------------------------------------- matching
