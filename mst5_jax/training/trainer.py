@@ -57,7 +57,8 @@ class Trainer:
       evaluator: the held-out evaluator, `encode -> {metric: value}`; default
         `hooks.xnli_retrieval_evaluator` (mean xx->en top-1 over the XNLI dev premises).
 
-    State the hooks read: `step`, `state` (`train_step.TrainState`), `frozen`, `metrics`
+    State the hooks read: `step`, `batch` (the global batch of the update in progress),
+    `state` (`train_step.TrainState`), `frozen`, `metrics`
     (this update's, on device), `log_now`, `ckpt_now`, `stopping`, `eval_metrics`, `mesh`,
     `data`, `tokenizer`, `model_dir`, `summary`, and `current_model()`.
     """
@@ -202,9 +203,9 @@ class Trainer:
         try:
             self.call_hooks("on_start")
             while self.step < cfg.train_steps:
-                batch = partitioning.host_local_to_global(next(self.data), self.mesh)
+                self.batch = partitioning.host_local_to_global(next(self.data), self.mesh)
                 self.call_hooks("before_step", self.step + 1)
-                self.state, self.metrics = self.step_fn(self.state, self.frozen, batch)
+                self.state, self.metrics = self.step_fn(self.state, self.frozen, self.batch)
                 self.step += 1
                 finite = finite * self.metrics["is_finite"]
                 self.stopping = self.stop_requested  # read once: a later signal is handled next step
