@@ -62,7 +62,8 @@ def split_gin_bindings(argv: Sequence[str]) -> tuple[list[str], list[str]]:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     bindings, rest = split_gin_bindings(sys.argv[1:] if argv is None else argv)
     args = parser().parse_args(rest)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    # force: an import may already have configured the root logger (at WARNING, bare format)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", force=True)
     for noisy in ("absl", "jax._src.xla_bridge", "orbax"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     # Training reads data through the TF-free numpy path; skip seqio's TensorFlow import.
