@@ -6,8 +6,8 @@ Each case runs `python -m mst5_jax.train` on the tiny config of tests/test_train
 an uninterrupted 4-step run, leaf by leaf, to 1e-6. A persistent compilation cache keeps
 each run to a few seconds after the first.
 
-Needs the lead's integration of `mst5_jax.training.faults` and `mst5_jax.training.manifest` into
-`mst5_jax/train.py` (see docs/RELIABILITY.md); the manifest unit tests at the end do not.
+The CLI turns ``MST5_FAULT`` into a `mst5_jax.training.faults.FaultHook` once, at start-up;
+the training loop only calls hooks (see docs/RELIABILITY.md).
 """
 import hashlib
 import os
@@ -312,5 +312,10 @@ def test_fault_spec_parsing():
     with pytest.raises(ValueError, match="must be an integer"):
         faults.active("after_step@x")
     os.environ.pop("MST5_FAULT", None)
-    assert faults.install() is False  # production: orbax untouched
-    faults.maybe_fault("after_step", 1)  # no-op without MST5_FAULT
+    assert faults.FaultHook.from_env() is None  # production: no hook, nothing fires
+    assert faults.FaultHook("after_step@3").install_orbax() is False  # orbax untouched without a ckpt_* point
+    hook = faults.FaultHook("after_step@3")
+    assert hook.wants("after_step", 3) and not hook.wants("after_step", 2)
+    hook.fire("after_step", 2)  # not due: returns
+    with pytest.raises(OSError, match="No space left on device"):
+        faults.FaultHook("ckpt_disk_full").fire("ckpt_disk_full", 7)  # no @step: due at every step
