@@ -222,9 +222,9 @@ def load_input(args) -> tuple[object, dict, Optional[dict], Optional[str]]:
     run_info = None
     base_ref = None
     if kind == "run":
-        from mst5_jax.training import run_checkpoints
+        from mst5_jax.formats import run_dir
 
-        run_info = run_checkpoints.read_run_info(inp)
+        run_info = run_dir.read_run_info(inp)
         enc = SentenceEncoder.from_pretrained(inp, step=args.step, dtype="float32")
         base = run_info.get("base") or {}
         if base.get("random_init"):

@@ -34,7 +34,7 @@ from mst5_jax.core import partitioning
 from mst5_jax.evals import xnli_retrieval
 from mst5_jax.formats import huggingface
 from mst5_jax.inference.encoder import SentenceEncoder
-from mst5_jax.training import manifest, run_checkpoints
+from mst5_jax.formats import manifest, run_dir
 from mst5_jax.training.optimizer import make_schedule
 from mst5_jax.utils.files import write_text_atomic
 
@@ -270,7 +270,7 @@ class CheckpointHook(Hook):
 
     Checkpoints (orbax `RunCheckpoints`) go under MODEL_DIR/checkpoints/<step>/, every
     `every` steps, at the last step and on preemption; each committed step then gets its
-    `manifest.json` (sizes and hashes, `mst5_jax.training.manifest`). A resume starts only
+    `manifest.json` (sizes and hashes, `mst5_jax.formats.manifest`). A resume starts only
     from a step that matches its manifest: newer steps that do not are moved to
     MODEL_DIR/checkpoints_rejected/ (`quarantine`). A fresh run writes run.json, the
     tokenizer and, for LoRA on a random base, the base weights (MODEL_DIR/base).
@@ -280,7 +280,7 @@ class CheckpointHook(Hook):
         self.model_dir, self.every = model_dir, every
         self.directory = model_dir / "checkpoints"
         manifest.newest_verified_step(self.directory, quarantine=True)
-        self.ckpt = run_checkpoints.RunCheckpoints(self.directory, keep=keep, best_metric=best_metric)
+        self.ckpt = run_dir.RunCheckpoints(self.directory, keep=keep, best_metric=best_metric)
 
     def latest_step(self) -> Optional[int]:
         return self.ckpt.latest_step()
@@ -291,7 +291,7 @@ class CheckpointHook(Hook):
 
     def write_run_files(self, trainer, info: dict) -> None:
         """run.json, the tokenizer and (LoRA on a random base) the base model: a fresh run's files."""
-        run_checkpoints.write_run_info(self.model_dir, info)
+        run_dir.write_run_info(self.model_dir, info)
         trainer.tokenizer.save(self.model_dir / "tokenizer")
         if trainer.cfg.mode == "lora" and not trainer.cfg.pretrained:
             base = nnx.merge(trainer.graphdef, jax.tree.map(lambda x: x, trainer.state.params), trainer.frozen)

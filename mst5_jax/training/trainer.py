@@ -26,7 +26,8 @@ from mst5_jax.core import lora, partitioning
 from mst5_jax.core.model import init_model
 from mst5_jax.formats import huggingface
 from mst5_jax.formats.vocab import default_vocab_path
-from mst5_jax.training import run_checkpoints, train_step
+from mst5_jax.formats import run_dir
+from mst5_jax.training import train_step
 from mst5_jax.training.flops import model_flops_per_triplet
 from mst5_jax.training.hooks import (
     CheckpointHook,
@@ -135,7 +136,7 @@ class Trainer:
         if cfg.pretrained:
             base_dir = huggingface.resolve_model_dir(cfg.pretrained)
             model = huggingface.load_hf_weights(base_dir, enc)
-            self.base_info = {"path": str(base_dir), "fingerprint": run_checkpoints.fingerprint(base_dir)}
+            self.base_info = {"path": str(base_dir), "fingerprint": run_dir.fingerprint(base_dir)}
         else:
             model = init_model(enc, seed=cfg.seed)
             self.base_info = {"path": "base", "random_init": True}
