@@ -31,7 +31,8 @@ import numpy as np
 from flax import nnx
 
 from mst5_jax.core import partitioning
-from mst5_jax.evals import xnli_retrieval
+from mst5_jax.evals import registry
+from mst5_jax.evals.report import flatten
 from mst5_jax.formats import huggingface
 from mst5_jax.inference.encoder import SentenceEncoder
 from mst5_jax.formats import manifest, run_dir
@@ -179,14 +180,20 @@ def _progress_bar(total: int, start: int):
 
 
 # ---------------------------------------------------------------------- held-out evaluation
-def xnli_retrieval_evaluator(data_dir: pathlib.Path, langs: Optional[Sequence[str]] = None,
-                             max_premises: Optional[int] = None, max_length: int = 64) -> Evaluator:
-    """The default held-out evaluator: `mst5_jax.evals.xnli_retrieval` (top-1 over the XNLI
-    dev premises, in percent) as {"xnli_avg_xx2en": mean xx->en, "xnli_avg_all": mean of
-    both directions}."""
+def registered_evaluator(task: str, data_dir: pathlib.Path, max_length: int, **kwargs: Any) -> Evaluator:
+    """Task `task` of the evaluator registry (`mst5_jax.evals.registry`) as a held-out evaluator.
+
+    Returns `encode -> metrics`: ``{task: the record's headline}`` plus ``{"task/KEY": value}``
+    for each row of its table (KEY the dotted key inside the result, e.g.
+    ``xnli_retrieval/avg_all``). An unknown task is the registry's error, listing the known ones.
+    """
+    record = registry.get(task)
+
     def evaluate(encode: Encode) -> dict:
-        result = xnli_retrieval(encode, data_dir, langs=langs, max_premises=max_premises, max_length=max_length)
-        return {"xnli_avg_xx2en": result["avg_xx2en"], "xnli_avg_all": result["avg_all"]}
+        result = record(encode, data_dir, max_length=max_length, **kwargs)
+        flat = flatten(result)
+        rows = {f"{task}/{key}": flat[key] for _, key in record.table_rows(result) if isinstance(flat.get(key), float)}
+        return {task: record.headline(result), **rows}
 
     return evaluate
 
@@ -203,7 +210,7 @@ class HeldoutEvalHook(Hook):
       to the checkpoint (best-step tracking).
     """
 
-    def __init__(self, evaluator: Evaluator, *, max_length: int = 64, metric: str = "xnli_avg_xx2en",
+    def __init__(self, evaluator: Evaluator, *, max_length: int = 64, metric: str = "xnli_retrieval",
                  heldout_eval: bool = False, min_gain: float = 0.0, eval_every: Optional[int] = None,
                  eval_batches: int = 2, valid_data: Any = None, write: Callable[[dict], None] = lambda r: None):
         self.evaluator, self.max_length, self.metric = evaluator, max_length, metric
@@ -234,7 +241,7 @@ class HeldoutEvalHook(Hook):
             if trainer.primary:
                 before_file.write_text(json.dumps({"step": 0, self.metric: before}) + "\n")
         trainer.summary["heldout_before"] = before
-        print(f"held-out xnli_retrieval avg xx->en before training: {before:.2f}", flush=True)
+        print(f"held-out {self.metric} (max_length {self.max_length}) before training: {before:.2f}", flush=True)
 
     def heldout_loss(self, trainer) -> dict:
         """Mean loss metrics over the first `eval_batches` validation batches."""
@@ -259,7 +266,8 @@ class HeldoutEvalHook(Hook):
         after = self.score(trainer.current_model())[self.metric]
         trainer.summary["heldout_after"] = after
         gain = after - trainer.summary["heldout_before"]
-        print(f"held-out xnli_retrieval avg xx->en after training: {after:.2f} (gain {gain:+.2f} points)", flush=True)
+        print(f"held-out {self.metric} (max_length {self.max_length}) after training: {after:.2f} "
+              f"(gain {gain:+.2f} points)", flush=True)
         if self.min_gain and gain < self.min_gain:
             raise SystemExit(f"held-out metric rose by {gain:.2f} points, less than MIN_HELDOUT_GAIN={self.min_gain}")
 

@@ -56,11 +56,11 @@ class TrainConfig:
     checkpoint_every: int = 100
     keep_checkpoints: int = 2
     eval_every: Optional[int] = None
-    eval_langs: Optional[Sequence[str]] = None
-    eval_max_premises: Optional[int] = None
+    heldout_task: str = "xnli_retrieval"  # any name in mst5_jax.evals.registry; its headline is the metric
+    heldout_task_kwargs: dict = dataclasses.field(default_factory=dict)  # e.g. {'langs': [...], 'max_premises': 830}
     eval_max_length: int = 64
     eval_batches: int = 2
-    best_metric: Optional[str] = "xnli_avg_xx2en"
+    best_metric: Optional[str] = None  # a key of the eval metrics; None: the held-out task's headline
     heldout_eval: bool = False
     min_heldout_gain: float = 0.0
     peak_tflops: Optional[float] = None
@@ -69,6 +69,11 @@ class TrainConfig:
     compilation_cache_dir: Optional[str] = None
     num_devices: Optional[int] = None  # for config checks (gin hardware files); not enforced at run time
     device_memory_gib: Optional[float] = None
+
+    @property
+    def best_metric_name(self) -> str:
+        """The eval metric that picks the best checkpoint."""
+        return self.best_metric or self.heldout_task
 
     @property
     def mode(self) -> str:

@@ -37,7 +37,7 @@ from mst5_jax.training.hooks import (
     MetricsHook,
     PreemptionHook,
     ProfileHook,
-    xnli_retrieval_evaluator,
+    registered_evaluator,
 )
 from mst5_jax.training.optimizer import make_optimizer
 from mst5_jax.training.run_config import TrainConfig, encoder_config
@@ -55,8 +55,8 @@ class Trainer:
       cfg: the run's `TrainConfig`.
       hooks: extra hooks, called after the built-in ones (e.g. a
         `mst5_jax.training.faults.FaultHook` in tests).
-      evaluator: the held-out evaluator, `encode -> {metric: value}`; default
-        `hooks.xnli_retrieval_evaluator` (mean xx->en top-1 over the XNLI dev premises).
+      evaluator: the held-out evaluator, `encode -> {metric: value}`; default: the registered
+        evaluator `cfg.heldout_task` (`hooks.registered_evaluator`), whose headline is the metric.
 
     State the hooks read: `step`, `batch` (the global batch of the update in progress),
     `state` (`train_step.TrainState`), `frozen`, `metrics`
@@ -80,7 +80,7 @@ class Trainer:
         self._build_data()
         self._build_model_and_state()
         self.checkpoints = CheckpointHook(self.model_dir, cfg.checkpoint_every, keep=cfg.keep_checkpoints,
-                                          best_metric=cfg.best_metric if cfg.eval_every else None)
+                                          best_metric=cfg.best_metric_name if cfg.eval_every else None)
         self.start_step = self._resume()
         self.summary: dict[str, Any] = {"model_dir": str(self.model_dir), "start_step": self.start_step}
         self.metrics_hook = MetricsHook(self.model_dir / "metrics.jsonl", cfg.tensorboard, self.primary)
@@ -89,10 +89,10 @@ class Trainer:
             self.hooks.append(ProfileHook(cfg.profile_steps, self.model_dir / "profile"))
         self.hooks.append(self.metrics_hook)
         if cfg.heldout_eval or cfg.eval_every:
-            evaluator = evaluator or xnli_retrieval_evaluator(self.data_dir, cfg.eval_langs, cfg.eval_max_premises,
-                                                              cfg.eval_max_length)
+            evaluator = evaluator or registered_evaluator(cfg.heldout_task, self.data_dir, cfg.eval_max_length,
+                                                          **cfg.heldout_task_kwargs)
             self.hooks.append(HeldoutEvalHook(
-                evaluator, max_length=cfg.eval_max_length, heldout_eval=cfg.heldout_eval,
+                evaluator, max_length=cfg.eval_max_length, metric=cfg.heldout_task, heldout_eval=cfg.heldout_eval,
                 min_gain=cfg.min_heldout_gain, eval_every=cfg.eval_every, eval_batches=cfg.eval_batches,
                 valid_data=self._validation_data() if cfg.eval_every else None, write=self.metrics_hook.write))
         self.hooks += [self.checkpoints, *hooks]
@@ -176,7 +176,7 @@ class Trainer:
                 "encoder_config": dataclasses.asdict(self.encoder_config), "mode": cfg.mode,
                 "lora": None if cfg.lora is None else dataclasses.asdict(cfg.lora),
                 "base": self.base_info, "task": cfg.mixture_or_task_name, "vocab": self.vocab,
-                "best_metric": cfg.best_metric if cfg.eval_every else None, "best_mode": "max"})
+                "best_metric": cfg.best_metric_name if cfg.eval_every else None, "best_mode": "max"})
         return start
 
     def current_model(self) -> nnx.Module:
