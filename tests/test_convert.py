@@ -17,7 +17,9 @@ import torch
 from fixtures_models import tiny_hf_model_dir, tiny_t5_model_dir  # noqa: F401
 from hf_reference import rel_err
 from mst5_jax import convert as convert_module
-from mst5_jax.convert import ConvertError, main as convert_main
+from mst5_jax.convert import main as convert_main
+from mst5_jax.formats import model_card
+from mst5_jax.inference.conversion import ConvertError
 from mst5_jax.utils import cli
 from mst5_jax.inference.encoder import SentenceEncoder
 
@@ -319,9 +321,9 @@ def test_task_datasets_match_the_registry():
         source = inspect.getsource(task.build)
         expected = ({"XNLI"} if "load_xnli" in source else set()) | (
             {"SNLI", "MultiNLI"} if '"snli"' in source and '"multi_nli"' in source else set())
-        assert expected and set(convert_module.task_datasets(name)) == expected, name
+        assert expected and set(model_card.task_datasets(name)) == expected, name
     for name, mix in registry.MIXTURES.items():
         if not name.startswith("mst5_"):
             continue
-        expected = set().union(*(convert_module.task_datasets(t) for t in mix.task_names))
-        assert set(convert_module.task_datasets(name)) == expected, name
+        expected = set().union(*(model_card.task_datasets(t) for t in mix.task_names))
+        assert set(model_card.task_datasets(name)) == expected, name
