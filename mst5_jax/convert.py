@@ -222,9 +222,9 @@ def load_input(args) -> tuple[object, dict, Optional[dict], Optional[str]]:
     run_info = None
     base_ref = None
     if kind == "run":
-        from mst5_jax.training import run_checkpoints
+        from mst5_jax.formats import run_dir
 
-        run_info = run_checkpoints.read_run_info(inp)
+        run_info = run_dir.read_run_info(inp)
         enc = SentenceEncoder.from_pretrained(inp, step=args.step, dtype="float32")
         base = run_info.get("base") or {}
         if base.get("random_init"):
@@ -265,7 +265,9 @@ def convert(args) -> pathlib.Path:
         raise ConvertError(f"{args.input}: the model has a Dense projection ({enc.config.d_model} -> "
                            f"{enc.config.projection_dim}), which the Hugging Face layout cannot hold; "
                            "convert with --to st instead")
-    if to == "peft" and not enc._has_lora():
+    from mst5_jax.core import lora
+
+    if to == "peft" and not lora.has_lora(enc.model):
         raise ConvertError(f"{args.input}: the model has no LoRA factors to write as a PEFT adapter "
                            "(a full fine-tune goes --to hf or --to st)")
     tmp = out.with_name(f".{out.name}.convert-{os.getpid()}")
@@ -296,12 +298,8 @@ def _write(enc, to: str, out: pathlib.Path, base_ref: Optional[str], args) -> No
         out.mkdir(parents=True, exist_ok=True)
         st_format.save(enc, out, merge_lora=True, max_seq_length=args.max_seq_length, dtype=args.dtype)
     else:
-        from mst5_jax.core import lora
         from mst5_jax.formats import peft
 
-        if not lora.has_lora(enc.model):
-            raise ConvertError(f"{args.input}: the model has no LoRA factors to write as a PEFT adapter "
-                               "(a full fine-tune goes --to hf or --to st)")
         peft.save_peft_adapter(enc.model, out, base_model_name_or_path=base_ref)
         enc.tokenizer.save(out)
 

@@ -7,7 +7,8 @@
 
 Routes, limits and error answers: `mst5_jax/inference/server.py` and docs/SERVING.md.
 All local devices are used: each batch is sharded over a data mesh. SIGTERM (or Ctrl-C)
-stops accepting connections, finishes the requests in flight, and exits 0.
+stops accepting connections, finishes the requests in flight, and exits 0. A bad flag or
+model path is a one-line error and exit code 2 (`mst5_jax.utils.cli`).
 """
 from __future__ import annotations
 
@@ -22,60 +23,54 @@ import jax
 
 from mst5_jax.inference.encoder import SentenceEncoder
 from mst5_jax.inference.server import ServeSettings, create_app
+from mst5_jax.utils import cli
 
 log = logging.getLogger("mst5_jax.serve")
 
+PROG = "python -m mst5_jax.serve"
+EXAMPLE = ("python -m mst5_jax.serve --model google/mt5-xxl --adapter pkshatech/m-ST5 --dtype bfloat16 "
+           "--port 8080\n  curl -s localhost:8080/v1/embeddings -H 'Content-Type: application/json' "
+           "-d '{\"input\": [\"Hello\", \"Bonjour\"]}'")
+
 
 def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="python -m mst5_jax.serve", description=__doc__.split("\n")[0],
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = cli.parser(PROG, __doc__, example=EXAMPLE)
     ap.add_argument("--model", required=True, help="HF, sentence-transformers or training-run directory, or hub id")
     ap.add_argument("--adapter", default=None, help="PEFT LoRA adapter directory")
     ap.add_argument("--step", default="latest", help="for a training run: latest, best or a step number")
-    ap.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
-    ap.add_argument("--model_name", default=None, help="name reported when a request names no model")
+    ap.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"), help="compute dtype")
+    ap.add_argument("--model_name", default=None, help="name reported when a request names no model; "
+                    "None: the --model folder's name")
     ap.add_argument("--host", default="127.0.0.1", help="bind address (0.0.0.0 exposes it to the network)")
-    ap.add_argument("--port", type=int, default=8080)
+    ap.add_argument("--port", type=int, default=8080, help="TCP port")
     ap.add_argument("--max_length", type=int, default=512, help="tokens per input incl. EOS; longer is truncated")
     ap.add_argument("--max_batch_tokens", type=int, default=8192, help="token budget of one device batch")
     ap.add_argument("--max_wait_ms", type=float, default=5.0, help="longest wait for a batch to fill")
     ap.add_argument("--max_queue", type=int, default=4096, help="sentences queued at most; beyond: 429")
     ap.add_argument("--max_inputs", type=int, default=2048, help="inputs per request at most; beyond: 413")
     ap.add_argument("--max_input_chars", type=int, default=100_000, help="characters per input; beyond: 413")
-    ap.add_argument("--api_key", default=os.environ.get("MST5_API_KEY"),
-                    help="require 'Authorization: Bearer KEY' (default: $MST5_API_KEY, else none)")
+    ap.add_argument("--api_key", default=None, help="require 'Authorization: Bearer KEY'; None: $MST5_API_KEY "
+                    "if set (kept out of this help), else no key")
     ap.add_argument("--no_batching", action="store_true", help="encode each request on arrival (a baseline)")
-    ap.add_argument("--debug", action="store_true", help="tracebacks on errors")
     return ap
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
-    args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-                        stream=sys.stderr)
+def _serve(args: argparse.Namespace) -> int:
     try:
         import uvicorn  # noqa: PLC0415 (optional: [serve] extra)
-
-        settings = ServeSettings(
-            model_name=args.model_name or os.path.basename(os.path.normpath(args.model)),
-            max_length=args.max_length, max_batch_tokens=args.max_batch_tokens, max_wait_ms=args.max_wait_ms,
-            max_queue=args.max_queue, max_inputs=args.max_inputs, max_input_chars=args.max_input_chars,
-            api_key=args.api_key, batching=not args.no_batching)
-        settings.check()
-        step = int(args.step) if args.step.isdigit() else args.step
-        encoder = SentenceEncoder.from_pretrained(args.model, adapter=args.adapter, dtype=args.dtype, step=step,
-                                                  devices=jax.local_devices())
-        app = create_app(encoder, settings)
+        import fastapi  # noqa: F401, PLC0415
     except ImportError as e:
-        if args.debug:
-            raise
-        print(f"serve: {e}. Install the server extra: pip install -e '.[serve]'", file=sys.stderr)
-        return 2
-    except (ValueError, OSError) as e:
-        if args.debug:
-            raise
-        print(f"serve: {e}", file=sys.stderr)
-        return 2
+        raise cli.UserError(f"{e}; install the server extra: pip install -e '.[serve]'") from None
+    settings = ServeSettings(
+        model_name=args.model_name or os.path.basename(os.path.normpath(args.model)),
+        max_length=args.max_length, max_batch_tokens=args.max_batch_tokens, max_wait_ms=args.max_wait_ms,
+        max_queue=args.max_queue, max_inputs=args.max_inputs, max_input_chars=args.max_input_chars,
+        api_key=args.api_key or os.environ.get("MST5_API_KEY") or None, batching=not args.no_batching)
+    settings.check()
+    step = int(args.step) if args.step.isdigit() else args.step
+    encoder = SentenceEncoder.from_pretrained(args.model, adapter=args.adapter, dtype=args.dtype, step=step,
+                                              devices=jax.local_devices())
+    app = create_app(encoder, settings)
     log.info("serve: %s on %d device(s), http://%s:%d (batching %s)", args.model, encoder.num_devices,
              args.host, args.port, "on" if settings.batching else "off")
     # uvicorn catches SIGTERM, drains, then re-raises the signal it caught; a Python handler
@@ -84,6 +79,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     uvicorn.run(app, host=args.host, port=args.port, log_level="warning", timeout_graceful_shutdown=60)
     log.info("serve: drained and stopped")
     return 0
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    args = build_parser().parse_args(None if argv is None else [str(a) for a in argv])
+    cli.setup_logging(args.verbose)
+    return cli.run(lambda: _serve(args), PROG, debug=args.debug)
 
 
 if __name__ == "__main__":

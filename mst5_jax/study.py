@@ -6,7 +6,7 @@
     python -m mst5_jax.study --sizes tiny-16,tiny-32,tiny-64 --setting cross --data local \\
         --recipe demo_cpu.gin --tasks xnli_retrieval,xsts --out /tmp/study    # CPU, minutes
 
-For each size it trains (`mst5_jax.train.run`, resumed when MODEL_DIR already holds the
+For each size it trains (`mst5_jax.training.trainer.run`, resumed when MODEL_DIR already holds the
 run) or takes an existing run / HF directory (`--runs`), evaluates every size with the same
 tasks (`mst5_jax.evals.runner`), and writes the report that `mst5_jax.analysis.study`
 describes (results.json, results.md, scaling.png, gains.png) to `--out`.
@@ -39,12 +39,11 @@ from mst5_jax.utils.files import model_files_fingerprint, write_text_atomic
 def train_config(size: study.Size, recipe: Sequence[str], setting: str, data: str, model_dir: pathlib.Path,
                  extra_bindings: Sequence[str]):
     """The parsed `TrainConfig` of one size (applies `tasks.configure`'s gin bindings too)."""
-    from mst5_jax import train
-    import tasks
+    from mst5_jax.training import gin_utils
 
-    cfg = train.parse_gin([*recipe, *size.gin_files],
-                          [*study.training_bindings(size, setting, data, model_dir), *extra_bindings])
-    tasks.configure()
+    cfg = gin_utils.parse_gin([*recipe, *size.gin_files],
+                              [*study.training_bindings(size, setting, data, model_dir), *extra_bindings])
+    gin_utils.configure_tasks()
     return cfg
 
 
@@ -129,14 +128,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                   f"mesh {report['mesh']}, {report['total_gib']:.2f} GiB per device", flush=True)
         return 0
 
-    from mst5_jax import train
+    from mst5_jax.training import trainer  # imports `tasks`: after MST5_NO_SEQIO is set
 
     records = []
     for size in sizes:
         run_dir = out / "runs" / size.name
         cfg = train_config(size, recipe, args.setting, args.data, run_dir, extra)
         print(f"[study] training {size.name} -> {run_dir}", file=sys.stderr, flush=True)
-        train.run(cfg)
+        trainer.run(cfg)
         records.append(_evaluate_size(size.name, str(run_dir), None, args, tasks, task_kwargs, out))
     for name, path in runs.items():
         records.append(_evaluate_size(name, path, adapters.get(name), args, tasks, task_kwargs, out))

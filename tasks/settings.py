@@ -1,8 +1,9 @@
 """Process-wide choices of the task registry: data root, vocabulary and sources.
 
 The registered seqio tasks read these at dataset-build time, not at import, so a run can
-call `configure` (directly, or through gin: ``tasks.configure.train_source = 'xnli_mt'``
-followed by a call to ``tasks.configure()``) after ``import tasks``.
+call `configure` after ``import tasks``: directly, or through gin
+(``tasks.configure.train_source = 'xnli_mt'`` in a gin file, registered and applied by
+`mst5_jax.training.gin_utils.register_gin` / `configure_tasks`).
 
 Train sources for the XNLI-based tasks (``train_source``):
 * ``"xnli_local"`` (default, offline): **the XNLI test files serve as train** and the dev
@@ -80,9 +81,3 @@ def resolve_vocab_path(vocab_path: Optional[str] = None, data_dir: Optional[os.P
     from mst5_jax.formats.vocab import default_vocab_path  # noqa: PLC0415
     return default_vocab_path(resolve_data_dir(data_dir))
 
-
-from mst5_jax.utils.optional_gin import gin_or_none  # noqa: E402
-
-_gin = gin_or_none()  # gin is optional: make `configure` bindable from .gin files when installed.
-if _gin is not None:
-    configure = _gin.external_configurable(configure, name="configure", module="tasks")

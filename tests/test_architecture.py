@@ -122,3 +122,20 @@ def test_every_package_is_mapped():
     packages = {module_name(p.parent) for p in REPO.joinpath("mst5_jax").rglob("__init__.py")}
     unmapped = sorted(p for p in packages if p not in LAYERS and p != "mst5_jax" and p != "mst5_jax.gin_configs")
     assert not unmapped, f"packages with no layer in tests/test_architecture.py LAYERS: {unmapped}"
+
+
+HARDWARE_KEYS = {"NUM_DEVICES", "DEVICE_MEMORY_GIB", "TrainConfig.mesh", "TrainConfig.partition_preset",
+                 "TrainConfig.peak_tflops"}
+
+
+def test_hardware_gin_files_say_only_hardware_things():
+    """Mesh, device count and memory, peak FLOP/s; the recipe (remat, dtypes, batch) is the run file's."""
+    files = sorted(REPO.joinpath("gin", "hardware").glob("*.gin"))
+    assert files
+    for f in files:
+        for lineno, line in enumerate(f.read_text().splitlines(), 1):
+            line = line.split("#", 1)[0].strip()
+            if not line:
+                continue
+            key = line.split("=", 1)[0].strip()
+            assert key in HARDWARE_KEYS or key.startswith("MeshConfig."), f"{f.name}:{lineno}: {key} is not hardware"

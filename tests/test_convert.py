@@ -146,7 +146,7 @@ def lora_run(tiny_hf_model_dir, tmp_path_factory):
 
     from mst5_jax.formats import huggingface
     from mst5_jax.core import lora
-    from mst5_jax.training import run_checkpoints
+    from mst5_jax.formats import run_dir
     from mst5_jax.core.config import EncoderConfig
     from mst5_jax.formats.tokenizer import Tokenizer
 
@@ -158,12 +158,12 @@ def lora_run(tiny_hf_model_dir, tmp_path_factory):
     params = nnx.to_pure_dict(nnx.state(model, lora.trainable_filter("lora")))
     rng = np.random.default_rng(5)
     params = jax.tree.map(lambda x: np.asarray(x) + 0.3 * rng.standard_normal(x.shape).astype(np.float32), params)
-    mngr = run_checkpoints.RunCheckpoints(run / "checkpoints")
+    mngr = run_dir.RunCheckpoints(run / "checkpoints")
     mngr.save(3, params, {"count": np.zeros((), np.int32)}, {"step": 3})
     mngr.close()
-    run_checkpoints.write_run_info(run, {
+    run_dir.write_run_info(run, {
         "encoder_config": dataclasses.asdict(cfg), "mode": "lora", "lora": dataclasses.asdict(lcfg),
-        "base": {"path": str(tiny_hf_model_dir), "fingerprint": run_checkpoints.fingerprint(tiny_hf_model_dir)},
+        "base": {"path": str(tiny_hf_model_dir), "fingerprint": run_dir.fingerprint(tiny_hf_model_dir)},
         "task": "mst5_xnli_cross", "best_metric": None, "best_mode": "max"})
     Tokenizer.from_pretrained(tiny_hf_model_dir).save(run / "tokenizer")
     return run

@@ -9,7 +9,7 @@ import re
 import subprocess
 import sys
 
-from mst5_jax import train
+from mst5_jax.training import gin_utils
 
 
 def test_demo_passes_its_threshold_and_evaluates(tmp_path):
@@ -20,11 +20,11 @@ def test_demo_passes_its_threshold_and_evaluates(tmp_path):
     assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-3000:]
     before = float(re.search(r"before training: ([0-9.]+)", out.stdout).group(1))
     after = float(re.search(r"after training: ([0-9.]+)", out.stdout).group(1))
-    threshold = train.parse_gin(["demo_cpu.gin"], []).min_heldout_gain
+    threshold = gin_utils.parse_gin(["demo_cpu.gin"], []).min_heldout_gain
     print(f"demo held-out xx->en: {before:.2f} -> {after:.2f} (threshold +{threshold})")
     assert threshold >= 3 and after - before >= threshold
     summary = json.loads((run_dir / "summary.json").read_text())
-    assert summary["final_step"] == train.parse_gin(["demo_cpu.gin"], []).train_steps
+    assert summary["final_step"] == gin_utils.parse_gin(["demo_cpu.gin"], []).train_steps
 
     result = tmp_path / "eval.json"
     ev = subprocess.run([sys.executable, "-m", "mst5_jax.evaluate", "--model", str(run_dir),

@@ -17,6 +17,7 @@ import torch
 from flax import nnx
 
 from hf_reference import hf_config, random_encoder, random_ids, save_hf_dir
+from mst5_jax.core import losses
 from mst5_jax.training import config_check
 from mst5_jax.training import train_step as ts
 from mst5_jax.formats.huggingface import hf_names, load_hf_weights
@@ -91,7 +92,7 @@ def test_dropout_keys_are_reused_and_independent_of_devices(model, gradcache_no_
         emb = jnp.zeros(ids.shape[:2] + (model.cfg.d_model,), jnp.float32)
         for m in range(k):
             emb = emb.at[m::k].set(ts.embed_microbatch(graphdef, p, frozen, ids[m::k], keys[m]))
-        return ts.contrastive_objective(emb, jnp.asarray(batch["group_id"]), LOSS)[0]
+        return losses.batch_loss(emb, jnp.asarray(batch["group_id"]), LOSS)[0]
 
     want_loss, want_grads = jax.jit(jax.value_and_grad(reference_loss))(params)
     assert abs(metrics["loss"] - float(want_loss)) <= TOL * abs(float(want_loss))

@@ -8,7 +8,7 @@ CORE_MODULES = [
     "mst5_jax", "mst5_jax.core.config", "mst5_jax.core.model", "mst5_jax.core.lora", "mst5_jax.core.losses",
     "mst5_jax.core.partitioning", "mst5_jax.training.train_step", "mst5_jax.inference.encoder", "mst5_jax.formats.huggingface",
     "mst5_jax.formats.safetensors", "mst5_jax.formats.peft",
-    "mst5_jax.training.run_checkpoints", "mst5_jax.formats.tokenizer", "mst5_jax.evals", "tasks.pipeline",
+    "mst5_jax.formats.run_dir", "mst5_jax.formats.tokenizer", "mst5_jax.evals", "tasks.pipeline",
 ]
 BLOCKED = ["tensorflow", "seqio", "gin", "clu", "torch", "tensorflow_datasets", "tensorflow_text"]
 

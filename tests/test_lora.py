@@ -509,6 +509,10 @@ def test_memory_at_xxl_bf16_base_r8_qv():
 
 def test_gin_configurable_and_core_imports_without_gin():
     import gin
+
+    from mst5_jax.training import gin_utils
+
+    gin_utils.register_gin()  # the one place gin registrations live
     gin.clear_config()
 
     @gin.configurable

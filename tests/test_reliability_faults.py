@@ -6,8 +6,8 @@ Each case runs `python -m mst5_jax.train` on the tiny config of tests/test_train
 an uninterrupted 4-step run, leaf by leaf, to 1e-6. A persistent compilation cache keeps
 each run to a few seconds after the first.
 
-Needs the lead's integration of `mst5_jax.training.faults` and `mst5_jax.training.manifest` into
-`mst5_jax/train.py` (see docs/RELIABILITY.md); the manifest unit tests at the end do not.
+The CLI turns ``MST5_FAULT`` into a `mst5_jax.training.faults.FaultHook` once, at start-up;
+the training loop only calls hooks (see docs/RELIABILITY.md).
 """
 import hashlib
 import os
@@ -196,7 +196,7 @@ def test_corrupt_checkpoint_is_named_and_restore_falls_back(cli, straight, tmp_p
 def test_loading_a_run_verifies_the_step(straight, tmp_path):
     # NEEDS the proposed edit to train_checkpoints.load_run_model.
     from mst5_jax.inference.encoder import SentenceEncoder
-    from mst5_jax.training.manifest import CheckpointIntegrityError
+    from mst5_jax.formats.manifest import CheckpointIntegrityError
 
     run = _copy(straight, tmp_path / "run")
     victim = sorted((run / "checkpoints" / "4" / "opt_state").rglob("d/*"))[0]
@@ -221,7 +221,7 @@ def step_dir(tmp_path):
 
 
 def test_manifest_round_trip_and_independent_hashes(step_dir):
-    from mst5_jax.training import manifest
+    from mst5_jax.formats import manifest
 
     path = manifest.write(step_dir)
     import json
@@ -238,7 +238,7 @@ def test_manifest_round_trip_and_independent_hashes(step_dir):
 @pytest.mark.parametrize("damage, expect", [
     ("flip", "sha256"), ("truncate", "size 4999 bytes, the manifest says 5000"), ("delete", "missing")])
 def test_manifest_names_the_bad_file(step_dir, damage, expect):
-    from mst5_jax.training import manifest
+    from mst5_jax.formats import manifest
 
     manifest.write(step_dir)
     f = step_dir / "params" / "d" / "a"
@@ -257,7 +257,7 @@ def test_manifest_names_the_bad_file(step_dir, damage, expect):
 
 
 def test_manifest_sizes_only_above_the_hash_limit(step_dir):
-    from mst5_jax.training import manifest
+    from mst5_jax.formats import manifest
 
     manifest.write(step_dir, hash_limit=100)  # a "full fine-tune" sized step: sizes only
     f = step_dir / "params" / "d" / "a"
@@ -270,7 +270,7 @@ def test_manifest_sizes_only_above_the_hash_limit(step_dir):
 
 
 def test_manifest_missing_or_unreadable(step_dir):
-    from mst5_jax.training import manifest
+    from mst5_jax.formats import manifest
 
     assert "manifest.json: missing" in manifest.verify(step_dir)[0]
     assert manifest.verify(step_dir, require_manifest=False) == []
@@ -281,7 +281,7 @@ def test_manifest_missing_or_unreadable(step_dir):
 
 
 def test_newest_verified_step_quarantines_newer_bad_steps(step_dir):
-    from mst5_jax.training import manifest
+    from mst5_jax.formats import manifest
 
     ck = step_dir.parent
     manifest.write(step_dir)
@@ -312,5 +312,10 @@ def test_fault_spec_parsing():
     with pytest.raises(ValueError, match="must be an integer"):
         faults.active("after_step@x")
     os.environ.pop("MST5_FAULT", None)
-    assert faults.install() is False  # production: orbax untouched
-    faults.maybe_fault("after_step", 1)  # no-op without MST5_FAULT
+    assert faults.FaultHook.from_env() is None  # production: no hook, nothing fires
+    assert faults.FaultHook("after_step@3").install_orbax() is False  # orbax untouched without a ckpt_* point
+    hook = faults.FaultHook("after_step@3")
+    assert hook.wants("after_step", 3) and not hook.wants("after_step", 2)
+    hook.fire("after_step", 2)  # not due: returns
+    with pytest.raises(OSError, match="No space left on device"):
+        faults.FaultHook("ckpt_disk_full").fire("ckpt_disk_full", 7)  # no @step: due at every step

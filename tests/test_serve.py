@@ -36,11 +36,18 @@ def _free_port() -> int:
 
 
 class Server:
-    def __init__(self, model_dir, *extra, devices=1):
+    """The server in a subprocess; `health_seen` lists the /health status codes seen while starting.
+
+    `launcher`: a script to run instead of `-m mst5_jax.serve` (tests/serve_with_faults.py).
+    """
+
+    def __init__(self, model_dir, *extra, devices=1, launcher=None):
         self.port = _free_port()
         self.url = f"http://127.0.0.1:{self.port}"
+        self.health_seen: list[int] = []
         env = dict(os.environ, PYTHONPATH=str(REPO), XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
-        cmd = [sys.executable, "-m", "mst5_jax.serve", "--model", str(model_dir), "--port", str(self.port),
+        entry = [str(launcher)] if launcher else ["-m", "mst5_jax.serve"]
+        cmd = [sys.executable, *entry, "--model", str(model_dir), "--port", str(self.port),
                "--max_length", str(MAX_LENGTH), "--max_batch_tokens", "512", *extra]
         self.proc = subprocess.Popen(cmd, env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                      text=True)
@@ -50,11 +57,12 @@ class Server:
         while time.monotonic() < deadline:
             assert self.proc.poll() is None, "server exited early:\n" + "".join(self.log)
             try:
-                if httpx.get(self.url + "/health", timeout=5).status_code == 200:
+                self.health_seen.append(httpx.get(self.url + "/health", timeout=5).status_code)
+                if self.health_seen[-1] == 200:
                     return
             except httpx.TransportError:
                 pass
-            time.sleep(0.5)
+            time.sleep(0.2)
         self.stop()
         raise AssertionError("server not healthy in time:\n" + "".join(self.log))
 
@@ -217,3 +225,100 @@ def test_queue_full_429_recovers_drains_on_sigterm_and_checks_api_key(tiny_hf_mo
         assert server.proc.wait(timeout=120) == 0, "".join(server.log)
     finally:
         server.stop()
+
+
+def test_health_503_while_warming_then_failed_batch_is_500_only_for_it_and_disconnect_is_harmless(
+        tiny_hf_model_dir, offline):
+    """tests/serve_with_faults.py slows each compile and fails any batch holding its POISON sentence."""
+    from serve_with_faults import POISON
+
+    shapes = SentenceEncoder.from_pretrained(tiny_hf_model_dir).batch_shapes(MAX_LENGTH, 512)
+    # A 2 s max_wait keeps requests sent within it in one batch per bucket.
+    server = Server(tiny_hf_model_dir, "--max_wait_ms", "2000", launcher=REPO / "tests" / "serve_with_faults.py")
+    try:
+        url = server.url
+        # Warm-up: 503 (with Retry-After) until every bucket shape compiled, then 200.
+        assert 503 in server.health_seen and server.health_seen[-1] == 200, server.health_seen
+        health = httpx.get(url + "/health", timeout=60).json()
+        assert health["status"] == "ok" and health["compiled_shapes"] == len(shapes) > 1
+
+        # One failing batch: its requests get 500; a request in another bucket's batch, sent
+        # while the failing one waited, gets its correct embeddings; the server keeps serving.
+        short, long = ["alpha beta"], [" ".join(WORDS * 3)]  # buckets 16 and 32
+        results = {}
+
+        def post(name, inputs, timeout=120):
+            try:
+                results[name] = httpx.post(url + "/embed", json={"inputs": inputs, "normalize": False},
+                                           timeout=timeout)
+            except httpx.TimeoutException as e:
+                results[name] = e
+
+        threads = [threading.Thread(target=post, args=args) for args in
+                   (("poison", [POISON, "hello"]), ("same_batch", short), ("other_batch", long))]
+        for t in threads:
+            t.start()
+            time.sleep(0.2)
+        for t in threads:
+            t.join(timeout=120)
+        assert results["poison"].status_code == 500, results["poison"].text
+        assert results["poison"].json()["error"]["code"] == "internal_error"
+        assert results["same_batch"].status_code == 500  # it shared the failed batch
+        assert results["other_batch"].status_code == 200, results["other_batch"].text
+        assert rel_err(np.asarray(results["other_batch"].json(), np.float32), offline(long)) <= 1e-6
+        assert "injected failure" in "".join(server.log)
+
+        # A client that hangs up while its sentences wait does not poison the batch it was in.
+        kept = ["gamma delta", "Bonjour le monde"]
+        threads = [threading.Thread(target=post, args=("gone", ["alpha x", "beta"], 0.5)),
+                   threading.Thread(target=post, args=("kept", kept))]
+        for t in threads:
+            t.start()
+            time.sleep(0.1)
+        for t in threads:
+            t.join(timeout=120)
+        assert isinstance(results["gone"], httpx.TimeoutException)
+        assert results["kept"].status_code == 200, results["kept"].text
+        assert rel_err(np.asarray(results["kept"].json(), np.float32), offline(kept)) <= 1e-6
+
+        again = httpx.post(url + "/v1/embeddings", json={"input": short}, timeout=120)
+        assert again.status_code == 200
+        assert rel_err(np.asarray(again.json()["data"][0]["embedding"], np.float32), offline(short)) <= 1e-6
+    finally:
+        assert server.stop() == 0, "".join(server.log)
+
+
+def test_no_batching_mode_equals_offline_encode(tiny_hf_model_dir, offline):
+    server = Server(tiny_hf_model_dir, "--no_batching")
+    try:
+        rng = np.random.default_rng(2)
+        requests = [_sentences(rng, int(rng.integers(1, 6))) for _ in range(8)]
+
+        async def run():
+            async with httpx.AsyncClient(base_url=server.url, timeout=300) as client:
+                return await asyncio.gather(*(client.post("/embed", json={"inputs": r, "normalize": False})
+                                              for r in requests))
+
+        for req, resp in zip(requests, asyncio.run(run())):
+            assert resp.status_code == 200, resp.text
+            assert rel_err(np.asarray(resp.json(), np.float32), offline(req)) <= 1e-6
+        metrics = httpx.get(server.url + "/metrics", timeout=60).text
+        assert _metric(metrics, "mst5_batch_sentences_count") == 0  # the batcher never ran
+    finally:
+        assert server.stop() == 0, "".join(server.log)
+
+
+def test_cli_bad_model_is_one_line_exit_2_and_help_shows_defaults_and_example(tmp_path):
+    env = dict(os.environ, PYTHONPATH=str(REPO), XLA_FLAGS="--xla_force_host_platform_device_count=1")
+    missing = tmp_path / "no_such_model"
+    bad = subprocess.run([sys.executable, "-m", "mst5_jax.serve", "--model", str(missing)], env=env, cwd=REPO,
+                         capture_output=True, text=True, timeout=300)
+    assert bad.returncode == 2, bad.stderr
+    lines = [line for line in bad.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and "Traceback" not in bad.stderr, bad.stderr
+    assert lines[0].startswith("python -m mst5_jax.serve: error:") and str(missing) in lines[0]
+    helped = subprocess.run([sys.executable, "-m", "mst5_jax.serve", "--help"], env=env, cwd=REPO,
+                            capture_output=True, text=True, timeout=300)
+    assert helped.returncode == 0
+    assert "(default: 8192)" in helped.stdout and "(default: 127.0.0.1)" in helped.stdout
+    assert "example:" in helped.stdout and "/v1/embeddings" in helped.stdout

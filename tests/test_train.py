@@ -14,7 +14,7 @@ import time
 import numpy as np
 import pytest
 
-from mst5_jax import train
+from mst5_jax.training import gin_utils, trainer
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 TINY = ["--gin_file=demo_cpu.gin", "--gin.MIN_HELDOUT_GAIN=0", "--gin.TrainConfig.heldout_eval=False",
@@ -31,7 +31,7 @@ def _bindings(args):
 
 def _cfg(model_dir, *extra):
     files, binds = _bindings(TINY + [f"--gin.MODEL_DIR='{model_dir}'", *extra])
-    return train.parse_gin(files, binds)
+    return gin_utils.parse_gin(files, binds)
 
 
 def _losses(model_dir):
@@ -55,7 +55,7 @@ HARDWARE_FILES = sorted(p.name for p in (REPO / "gin" / "hardware").glob("*.gin"
 def test_every_run_config_parses_and_fits_its_hardware(run_file):
     from mst5_jax.training import config_check
 
-    cfg = train.parse_gin([run_file], [])
+    cfg = gin_utils.parse_gin([run_file], [])
     for macro in ("model_dir", "train_steps", "batch_size", "mixture_or_task_name", "max_length", "seed",
                   "log_every", "checkpoint_every"):
         assert getattr(cfg, macro) not in (None, ""), macro
@@ -68,7 +68,7 @@ def test_every_run_config_parses_and_fits_its_hardware(run_file):
 def test_xxl_lora_builds_on_every_hardware_file(hardware):
     from mst5_jax.training import config_check
 
-    cfg = train.parse_gin(["xxl_lora.gin", hardware], ["BATCH_SIZE=256"])
+    cfg = gin_utils.parse_gin(["xxl_lora.gin", hardware], ["BATCH_SIZE=256"])
     report = config_check.check(cfg)
     print(hardware, report["num_devices"], report["mesh"], f"{report['total_gib']:.2f} GiB/device")
     assert report["num_devices"] == cfg.num_devices
@@ -78,19 +78,19 @@ def test_config_errors_are_clear(tmp_path):
     from mst5_jax.training import config_check
 
     with pytest.raises(ValueError, match=r"BATCH_SIZE=100 is not divisible by the data axes"):
-        config_check.check(train.parse_gin(["xxl_lora_tpu_pod.gin"], ["BATCH_SIZE=100"]))
+        config_check.check(gin_utils.parse_gin(["xxl_lora_tpu_pod.gin"], ["BATCH_SIZE=100"]))
     with pytest.raises(FileNotFoundError, match="nope.gin"):
-        train.find_gin_file("nope.gin")
+        gin_utils.find_gin_file("nope.gin")
     (tmp_path / "a").mkdir()
     (tmp_path / "b").mkdir()
     (tmp_path / "a" / "x.gin").write_text("")
     (tmp_path / "b" / "x.gin").write_text("")
     with pytest.raises(ValueError, match=r"ambiguous.*a/x.gin.*b/x.gin"):
-        train.find_gin_file("x.gin", tmp_path)
+        gin_utils.find_gin_file("x.gin", tmp_path)
     with pytest.raises(ValueError, match="doesn't have a parameter named 'no_such_field'"):
-        train.parse_gin(["demo_cpu.gin"], ["TrainConfig.no_such_field = 3"])
+        gin_utils.parse_gin(["demo_cpu.gin"], ["TrainConfig.no_such_field = 3"])
     with pytest.raises(ValueError, match="needs .* GiB per device"):
-        config_check.check(train.parse_gin(["xxl_lora.gin"], ["DEVICE_MEMORY_GIB=8"]))
+        config_check.check(gin_utils.parse_gin(["xxl_lora.gin"], ["DEVICE_MEMORY_GIB=8"]))
 
 
 # ------------------------------------------------------------------------- runs
@@ -99,7 +99,7 @@ def straight_run(tmp_path_factory):
     """A straight 4-step run, in process."""
     d = tmp_path_factory.mktemp("straight")
     cfg = _cfg(d, "--gin.TRAIN_STEPS=4")
-    train.run(cfg)
+    trainer.run(cfg)
     return d
 
 
@@ -115,8 +115,8 @@ def test_metrics_jsonl_and_checkpoints(straight_run):
 
 
 def test_stop_at_2_then_continue_to_4_equals_straight_run(straight_run, tmp_path):
-    train.run(_cfg(tmp_path, "--gin.TRAIN_STEPS=2", "--gin.SCHEDULE_STEPS=4"))
-    train.run(_cfg(tmp_path, "--gin.TRAIN_STEPS=4", "--gin.SCHEDULE_STEPS=4"))
+    trainer.run(_cfg(tmp_path, "--gin.TRAIN_STEPS=2", "--gin.SCHEDULE_STEPS=4"))
+    trainer.run(_cfg(tmp_path, "--gin.TRAIN_STEPS=4", "--gin.SCHEDULE_STEPS=4"))
     a, b = _losses(tmp_path), _losses(straight_run)
     assert sorted(a) == [1, 2, 3, 4]
     for s in (3, 4):
@@ -186,7 +186,7 @@ def test_lora_only_training_lowers_the_loss(tmp_path):
                "--gin.LoRAConfig.targets=['q', 'v', 'wi_0', 'wo']", "--gin.OptimizerConfig.learning_rate=3e-3",
                "--gin.OptimizerConfig.warmup_steps=0", "--gin.OptimizerConfig.decay='constant'",
                "--gin.MIXTURE_OR_TASK_NAME='mst5_xnli_mono_en'")
-    train.run(cfg)
+    trainer.run(cfg)
     info = json.loads((tmp_path / "run.json").read_text())
     assert info["mode"] == "lora" and (tmp_path / "base" / "model.safetensors").is_file()
 
@@ -219,14 +219,15 @@ def test_lora_only_training_lowers_the_loss(tmp_path):
 
 def test_eval_every_logs_heldout_metrics_and_keeps_the_best(tmp_path):
     cfg = _cfg(tmp_path, "--gin.TRAIN_STEPS=4", "--gin.TrainConfig.eval_every=2",
-               "--gin.TrainConfig.eval_max_premises=50", "--gin.TrainConfig.eval_langs=['en', 'de', 'ru']",
+               "--gin.TrainConfig.heldout_task_kwargs={'max_premises': 50, 'langs': ['en', 'de', 'ru']}",
                "--gin.TrainConfig.keep_checkpoints=1", "--gin.TrainConfig.eval_batches=2")
-    train.run(cfg)
+    trainer.run(cfg)
     evals = [json.loads(l) for l in (tmp_path / "metrics.jsonl").read_text().splitlines() if '"eval"' in l]
     assert [e["step"] for e in evals] == [2, 4]
     for e in evals:
-        assert np.isfinite(e["eval"]["eval_loss"]) and 0 <= e["eval"]["xnli_avg_xx2en"] <= 100
-    scores = {e["step"]: e["eval"]["xnli_avg_xx2en"] for e in evals}
+        assert np.isfinite(e["eval"]["eval_loss"]) and 0 <= e["eval"]["xnli_retrieval"] <= 100
+        assert e["eval"]["xnli_retrieval"] == e["eval"]["xnli_retrieval/avg_xx2en"]  # the headline: mean xx->en
+    scores = {e["step"]: e["eval"]["xnli_retrieval"] for e in evals}
     best = {s for s in scores if scores[s] == max(scores.values())}
     kept = sorted(int(p.name) for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit())
     print("scores", scores, "kept", kept)
@@ -237,7 +238,7 @@ def test_eval_every_logs_heldout_metrics_and_keeps_the_best(tmp_path):
 
 
 def test_non_finite_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path):
-    out = _cli(tmp_path, "--gin.TRAIN_STEPS=6", env_extra={"MST5_POISON_AT_STEP": "4"})
+    out = _cli(tmp_path, "--gin.TRAIN_STEPS=6", env_extra={"MST5_FAULT": "poison_before_step@4"})
     assert out.returncode != 0
     assert "non-finite loss or gradient at or before step 4" in out.stderr
     kept = sorted(int(p.name) for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit())
@@ -251,8 +252,8 @@ def test_gradcache_cached_layer_inputs_are_budgeted():
     from mst5_jax.training import config_check
 
     overrides = ["BATCH_SIZE=1024", "TrainConfig.microbatch_size=128"]
-    plain = config_check.check(train.parse_gin(["xxl_lora.gin"], overrides))
-    cached = config_check.check(train.parse_gin(["xxl_lora.gin"],
+    plain = config_check.check(gin_utils.parse_gin(["xxl_lora.gin"], overrides))
+    cached = config_check.check(gin_utils.parse_gin(["xxl_lora.gin"],
                                                 overrides + ["TrainConfig.gradcache_cache_layer_inputs=True"]))
     assert "gradcache_layer_inputs" not in plain["per_device_gib"]
     assert cached["per_device_gib"]["gradcache_layer_inputs"] == pytest.approx(25 * 3 * 1024 * 64 * 4096 * 2 / 2**30)
@@ -267,9 +268,9 @@ def test_gradcache_with_cached_layer_inputs_trains_like_plain_gradcache(tmp_path
     """The gin switch reaches the step: 3 GradCache steps (2 micro-batches, dropout on) with
     and without cached layer inputs log the same losses."""
     common = ["--gin.TRAIN_STEPS=3", "--gin.BATCH_SIZE=16", "--gin.TrainConfig.microbatch_size=8",
-              "--gin.TrainConfig.dropout_rate=0.1"]
-    train.run(_cfg(tmp_path / "plain", *common))
-    train.run(_cfg(tmp_path / "cached", *common, "--gin.TrainConfig.gradcache_cache_layer_inputs=True"))
+              "--gin.EncoderConfig.dropout_rate=0.1"]
+    trainer.run(_cfg(tmp_path / "plain", *common))
+    trainer.run(_cfg(tmp_path / "cached", *common, "--gin.TrainConfig.gradcache_cache_layer_inputs=True"))
     a, b = _losses(tmp_path / "cached"), _losses(tmp_path / "plain")
     assert sorted(a) == [1, 2, 3]
     for s in (1, 2, 3):

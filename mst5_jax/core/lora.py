@@ -56,6 +56,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import logging
 import math
 import re
 from typing import Any, Callable, Iterator, Mapping, Optional, Sequence, Union
@@ -67,7 +68,8 @@ from flax import nnx
 
 from mst5_jax.core.config import EncoderConfig
 from mst5_jax.core.model import LoRAParam, LoRAScale, SentenceModel, abstract_model, count_params
-from mst5_jax.utils.optional_gin import gin_or_none
+
+log = logging.getLogger(__name__)
 
 Targets = Union[Sequence[str], str]
 
@@ -124,11 +126,6 @@ class LoRAConfig:
         if isinstance(self.targets, str) and self.layers is not None:
             raise LoRAError("LoRAConfig.layers cannot be combined with a regex `targets` (as in peft); "
                             "put the layer indices in the regex")
-
-
-_gin = gin_or_none()  # gin is an extra: the core imports without it.
-if _gin is not None:
-    _gin.external_configurable(LoRAConfig, module="mst5_jax.core.lora")
 
 
 # ---------------------------------------------------------------------- matching

@@ -1,6 +1,11 @@
 """Contrastive losses for sentence-embedding training (mSimCSE / m-ST5).
 
 The loss sees embeddings only: it knows nothing about the model, the mesh or GradCache.
+
+Adding a loss touches this file only (or, from outside, one `register_loss` call): a loss is
+a function `(emb [B, C, D], group_ids int [B] | None, config: LossConfig) -> (loss, metrics)`
+registered under a name; gin selects it with `LossConfig.name = 'NAME'`, and the train
+step (`mst5_jax.training.train_step`) calls `batch_loss`, which looks the name up.
 The train step hands it the embeddings of the *global* batch, so every anchor is scored
 against every positive and hard negative of the step, whatever the number of devices.
 
@@ -10,7 +15,8 @@ round logits by up to ~0.16).
 """
 from __future__ import annotations
 
-from typing import Optional
+import dataclasses
+from typing import Callable, Optional
 
 import chex
 import jax
@@ -191,3 +197,81 @@ def contrastive_loss(
     if negative is not None:
         metrics["hard_neg_sim"] = jnp.mean(jnp.diagonal(sim[:, n:]))
     return loss, metrics
+
+
+# ---------------------------------------------------------------------- the loss registry
+@dataclasses.dataclass(frozen=True)
+class LossConfig:
+    """Which registered loss the step applies (`name`), and its options.
+
+    Attributes:
+      name: a key of the registry (`register_loss`); "contrastive" is `contrastive_loss`.
+      temperature: tau; logits are cosine / tau.
+      symmetric: also the backward (positive -> anchor) loss, averaged.
+      hard_negative_weight: SimCSE's additive weight on each anchor's own hard negative.
+      mask_false_negatives: pass `batch["group_id"]` as `group_ids` (same-group positives
+        are not negatives).
+      label_smoothing: eps in [0, 1).
+      use_hard_negatives: use `batch["negative"]` when present.
+    """
+
+    name: str = "contrastive"
+    temperature: float = 0.05
+    symmetric: bool = False
+    hard_negative_weight: float = 0.0
+    mask_false_negatives: bool = False
+    label_smoothing: float = 0.0
+    use_hard_negatives: bool = True
+
+
+# (emb float [B, C, D] with columns anchor, positive[, negative]; group_ids int [B] or None;
+#  the LossConfig) -> (float32 scalar loss, {name: float32 scalar} metrics)
+LossFn = Callable[[jax.Array, Optional[jax.Array], LossConfig], tuple[jax.Array, dict[str, jax.Array]]]
+_LOSSES: dict[str, LossFn] = {}
+
+
+def register_loss(name: str, fn: LossFn, *, overwrite: bool = False) -> LossFn:
+    """Makes `fn` selectable as `LossConfig(name=name)` (gin: `LossConfig.name = 'name'`).
+
+    `fn(emb, group_ids, config)` receives the embeddings of the whole global batch
+    float [B, C, D] (C = 2 columns anchor, positive, or 3 with the hard negative), the
+    batch's `group_id` int [B] (None when `config.mask_false_negatives` is False) and the
+    `LossConfig`; it returns (loss, metrics), float32 scalars. It runs inside the jitted
+    step, so it must be traceable. Returns `fn`, so it can decorate.
+
+    Raises:
+      ValueError when `name` is taken and `overwrite` is False.
+    """
+    if name in _LOSSES and not overwrite and _LOSSES[name] is not fn:
+        raise ValueError(f"register_loss: a loss named {name!r} is already registered; pass overwrite=True")
+    _LOSSES[name] = fn
+    return fn
+
+
+def get_loss(name: str) -> LossFn:
+    """The loss registered as `name`; the error lists the registered names."""
+    try:
+        return _LOSSES[name]
+    except KeyError:
+        raise KeyError(f"LossConfig.name={name!r}: no such loss; registered: {sorted(_LOSSES)}") from None
+
+
+def batch_loss(emb: jax.Array, group_ids: Optional[jax.Array], config: LossConfig
+               ) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """The configured loss on embeddings [B, C, D]; `group_ids` are passed only when
+    `config.mask_false_negatives` asks for them."""
+    return get_loss(config.name)(emb, group_ids if config.mask_false_negatives else None, config)
+
+
+def contrastive_objective(emb: jax.Array, group_ids: Optional[jax.Array], config: LossConfig
+                          ) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """`contrastive_loss` on embeddings [B, C, D] (columns anchor, positive[, negative])."""
+    negative = emb[:, 2] if emb.shape[1] > 2 else None
+    return contrastive_loss(
+        emb[:, 0], emb[:, 1], negative,
+        temperature=config.temperature, symmetric=config.symmetric,
+        hard_negative_weight=config.hard_negative_weight, group_ids=group_ids,
+        label_smoothing=config.label_smoothing)
+
+
+register_loss("contrastive", contrastive_objective)

@@ -34,6 +34,8 @@ import jax
 import numpy as np
 from jax.sharding import AbstractMesh, AxisType, Mesh, NamedSharding, PartitionSpec
 
+from mst5_jax.core.model import logical_axes
+
 MESH_AXES = ("data", "fsdp", "tensor")
 BATCH_MESH_AXES = ("data", "fsdp")
 
@@ -274,6 +276,37 @@ def optimizer_state_sharding(
     )
 
 
+# ---------------------------------------------------------------------------- model and train state
+def state_shardings(state: Any, mesh: AnyMesh, rules: Rules) -> Any:
+    """`NamedSharding` per leaf of a model state (an `nnx.State`, trainable or frozen), from
+    the model's logical axes (`mst5_jax.core.model.logical_axes`) and the rule set. Works on
+    abstract states (`nnx.state(abstract_model(cfg))`) too."""
+    axes = logical_axes(state)
+
+    def one(path, x):
+        name = "/".join(str(k.key) for k in path if isinstance(k, jax.tree_util.DictKey))
+        return NamedSharding(mesh, logical_to_spec(axes[name], x.shape, mesh, rules))
+
+    return jax.tree_util.tree_map_with_path(one, state)
+
+
+def train_state_shardings(params: Any, optimizer: Any, mesh: AnyMesh, rules: Rules) -> dict[str, Any]:
+    """Shardings of a train state's fields, by field name ("step", "params", "opt_state",
+    "rng"): parameters by rule, optimizer moments like their parameters, the step count and
+    the key replicated. `params` may be abstract; `mst5_jax.training.train_step` wraps the
+    dict in its `TrainState`."""
+    param_sh = state_shardings(params, mesh, rules)
+    abstract_opt = jax.eval_shape(optimizer.init, params)
+    return {"step": replicated(mesh), "params": param_sh,
+            "opt_state": optimizer_state_sharding(optimizer, abstract_opt, param_sh, mesh),
+            "rng": replicated(mesh)}
+
+
+def replicated(mesh: AnyMesh) -> NamedSharding:
+    """Every device holds the whole array (metrics, the step count, the loss's embeddings)."""
+    return NamedSharding(mesh, PartitionSpec())
+
+
 # ---------------------------------------------------------------------------- batches
 
 
@@ -284,6 +317,18 @@ def batch_spec(ndim: int = 1) -> PartitionSpec:
 
 def batch_sharding(mesh: AnyMesh, ndim: int = 1) -> NamedSharding:
     return NamedSharding(mesh, batch_spec(ndim))
+
+
+def batch_axis_sharding(mesh: AnyMesh, axis: int) -> NamedSharding:
+    """Dimension `axis` split over ("data", "fsdp"), the dims before it whole: a GradCache
+    stack [k, mb, ...] of micro-batches is split at axis 1, each micro-batch over every
+    device."""
+    return NamedSharding(mesh, PartitionSpec(*[None] * axis, BATCH_MESH_AXES))
+
+
+def num_batch_shards(mesh: AnyMesh) -> int:
+    """How many ways the batch dimension is split: data x fsdp."""
+    return math.prod(mesh.shape[a] for a in BATCH_MESH_AXES)
 
 
 def host_local_to_global(

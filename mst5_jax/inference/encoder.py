@@ -162,9 +162,9 @@ class SentenceEncoder:
         param_dtype = param_dtype or dtype
         p = fs.as_path(path)
         if p.is_dir() and (p / "checkpoints").is_dir():
-            from mst5_jax.training import run_checkpoints
+            from mst5_jax.formats import run_dir
 
-            model, tok = run_checkpoints.load_run_model(p, step=step, dtype=dtype, param_dtype=param_dtype)
+            model, tok = run_dir.load_run_model(p, step=step, dtype=dtype, param_dtype=param_dtype)
             return cls(model, tok, source=str(p), devices=devices)
         model_dir = huggingface.resolve_model_dir(path)
         safety.check_tree(model_dir)  # symlinks only inside model_dir or its hub cache repo

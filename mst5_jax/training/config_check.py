@@ -14,17 +14,20 @@ import jax
 import numpy as np
 from flax import nnx
 
-from mst5_jax.core import partitioning
+from mst5_jax.core import lora, partitioning
 from mst5_jax.core.config import EncoderConfig
 from mst5_jax.core.model import abstract_model
+from mst5_jax.training.optimizer import make_optimizer
+from mst5_jax.training.run_config import TrainConfig
+from mst5_jax.training.run_config import encoder_config as run_encoder_config
 
 GIB = 2**30
 
 
-def encoder_config(cfg) -> EncoderConfig:
-    """The run's EncoderConfig from its preset (the pretrained directory may be remote)."""
-    numerics = dict(dtype=cfg.dtype, param_dtype=cfg.param_dtype, remat=cfg.remat, dropout_rate=cfg.dropout_rate)
-    return EncoderConfig.preset(cfg.model, **numerics, **cfg.model_overrides)
+def encoder_config(cfg: TrainConfig) -> EncoderConfig:
+    """The run's EncoderConfig from its preset and overrides (the pretrained directory may
+    be remote or absent: a dry run reads nothing)."""
+    return run_encoder_config(cfg, read_pretrained=False)
 
 
 def activation_bytes(enc: EncoderConfig, triplets_per_device: int, length: int, remat: str) -> int:
@@ -61,10 +64,8 @@ def _itemsize(enc: EncoderConfig) -> int:
     return 2 if enc.dtype == "bfloat16" else 4
 
 
-def check(cfg) -> dict[str, Any]:
+def check(cfg: TrainConfig) -> dict[str, Any]:
     """Per-device bytes of the run on its own hardware; raises if it does not fit or divide."""
-    from mst5_jax.core import lora
-    from mst5_jax.train import make_optimizer
 
     num_devices = cfg.num_devices or 1
     data, fsdp, tensor = cfg.mesh.resolve(num_devices)
@@ -86,12 +87,10 @@ def check(cfg) -> dict[str, Any]:
         return m
 
     model = nnx.eval_shape(build) if mode == "lora" else abstract_model(enc)
-    from mst5_jax.training.train_step import state_shardings
-
     graphdef, trainable, frozen = lora.split_trainable(model, mode)
     trainable = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, np.float32), trainable)
-    t_sh = state_shardings(trainable, mesh, rules)
-    f_sh = state_shardings(frozen, mesh, rules)
+    t_sh = partitioning.state_shardings(trainable, mesh, rules)
+    f_sh = partitioning.state_shardings(frozen, mesh, rules)
     opt = make_optimizer(cfg.optimizer, cfg.schedule_steps or cfg.train_steps)
     abstract_opt = jax.eval_shape(opt.init, trainable)
     o_sh = partitioning.optimizer_state_sharding(opt, abstract_opt, t_sh, mesh)
@@ -104,7 +103,7 @@ def check(cfg) -> dict[str, Any]:
     per_device_batch = (cfg.microbatch_size or cfg.batch_size) // data_shards or 1
     cached = bool(cfg.microbatch_size and cfg.gradcache_cache_layer_inputs)
     per_dev["activations_estimate"] = activation_bytes(enc, per_device_batch, cfg.max_length,
-                                                       "cached_inputs" if cached else cfg.remat)
+                                                       "cached_inputs" if cached else enc.remat)
     if cached:
         per_dev["gradcache_layer_inputs"] = cached_layer_input_bytes(enc, cfg.batch_size // data_shards or 1,
                                                                      cfg.max_length)

@@ -98,8 +98,7 @@ def abstract_lora_step(cfg: EncoderConfig, lora_config: Any, batch: int, length:
     mesh = partitioning.make_mesh(partitioning.MeshConfig(), jax.devices()[:1])
     rules = partitioning.logical_axis_rules("single")
     optimizer = optimizer or optax.adamw(1e-4)
-    shardings = train_step.StepShardings(train_step.train_state_shardings(params, optimizer, mesh, rules),
-                                         train_step.state_shardings(frozen, mesh, rules))
+    shardings = train_step.step_shardings(params, frozen, optimizer, mesh, rules)
     state = jax.eval_shape(lambda p: train_step.TrainState.create(p, optimizer), params)
     ids = jax.ShapeDtypeStruct((batch, length), jnp.int32)
     step = train_step.make_train_step(graphdef, optimizer, train_step.LossConfig(), mesh, shardings,

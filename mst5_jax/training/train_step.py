@@ -2,7 +2,8 @@
 
     batch {"anchor", "positive"[, "negative"]: int32 [B, L], "group_id": int32 [B]}
       -> embeddings of the whole global batch [B, C, D] (C = 2 or 3 columns)
-      -> contrastive loss over every embedding of the step (`mst5_jax.core.losses`)
+      -> the configured loss over every embedding of the step (`mst5_jax.core.losses`,
+         `LossConfig.name`; contrastive by default)
       -> gradients of the trainable partition only -> optax update
 
 The state is split in two. `TrainState` holds what changes: the step, the trainable
@@ -43,7 +44,6 @@ float32 and the loss is float32.
 """
 from __future__ import annotations
 
-import dataclasses
 from typing import Any, Callable, Mapping, NamedTuple, Optional
 
 import flax
@@ -51,45 +51,27 @@ import jax
 import jax.numpy as jnp
 import optax
 from flax import nnx
-from jax.sharding import NamedSharding, PartitionSpec
 
 from mst5_jax.core import gradcache
 from mst5_jax.core.lora import split_trainable
-from mst5_jax.core.losses import contrastive_loss
-from mst5_jax.core.model import SentenceModel, logical_axes
+from mst5_jax.core.losses import LossConfig, batch_loss
+from mst5_jax.core.model import SentenceModel
 from mst5_jax.core.partitioning import (
-    BATCH_MESH_AXES,
     AnyMesh,
     Rules,
+    batch_axis_sharding,
     batch_sharding,
-    logical_to_spec,
-    optimizer_state_sharding,
+    num_batch_shards,
+    replicated,
+    state_shardings,
+    train_state_shardings,
 )
+
+__all__ = ["LossConfig", "StepShardings", "TrainState", "init_train_state", "make_eval_step", "make_train_step",
+           "loss_and_grads"]
 
 COLUMNS = ("anchor", "positive", "negative")
 Batch = Mapping[str, jax.Array]
-
-
-@dataclasses.dataclass(frozen=True)
-class LossConfig:
-    """Options of `mst5_jax.core.losses.contrastive_loss`, as the step applies them.
-
-    Attributes:
-      temperature: tau; logits are cosine / tau.
-      symmetric: also the backward (positive -> anchor) loss, averaged.
-      hard_negative_weight: SimCSE's additive weight on each anchor's own hard negative.
-      mask_false_negatives: pass `batch["group_id"]` as `group_ids` (same-group positives
-        are not negatives).
-      label_smoothing: eps in [0, 1).
-      use_hard_negatives: use `batch["negative"]` when present.
-    """
-
-    temperature: float = 0.05
-    symmetric: bool = False
-    hard_negative_weight: float = 0.0
-    mask_false_negatives: bool = False
-    label_smoothing: float = 0.0
-    use_hard_negatives: bool = True
 
 
 @flax.struct.dataclass
@@ -115,29 +97,11 @@ class StepShardings(NamedTuple):
 
 
 # ---------------------------------------------------------------------- placement
-def state_shardings(state: nnx.State, mesh: AnyMesh, rules: Rules) -> nnx.State:
-    """`NamedSharding` per leaf of a model state (trainable or frozen), from the model's
-    logical axes (`mst5_jax.core.model.logical_axes`) and the rule set. Works on abstract
-    states (`nnx.state(abstract_model(cfg))`) too."""
-    axes = logical_axes(state)
-
-    def one(path, x):
-        name = "/".join(str(k.key) for k in path if isinstance(k, jax.tree_util.DictKey))
-        return NamedSharding(mesh, logical_to_spec(axes[name], x.shape, mesh, rules))
-
-    return jax.tree_util.tree_map_with_path(one, state)
-
-
-def train_state_shardings(params: nnx.State, optimizer: optax.GradientTransformation, mesh: AnyMesh,
-                          rules: Rules) -> TrainState:
-    """A `TrainState` of shardings: parameters by rule, optimizer moments like their
-    parameters, step counts and the key replicated. `params` may be abstract."""
-    param_sh = state_shardings(params, mesh, rules)
-    abstract_opt = jax.eval_shape(optimizer.init, params)
-    replicated = NamedSharding(mesh, PartitionSpec())
-    return TrainState(step=replicated, params=param_sh,
-                      opt_state=optimizer_state_sharding(optimizer, abstract_opt, param_sh, mesh),
-                      rng=replicated)
+def step_shardings(params: nnx.State, frozen: nnx.State, optimizer: optax.GradientTransformation, mesh: AnyMesh,
+                   rules: Rules) -> StepShardings:
+    """The step's shardings (`mst5_jax.core.partitioning` builds them); arguments may be abstract."""
+    return StepShardings(TrainState(**train_state_shardings(params, optimizer, mesh, rules)),
+                         state_shardings(frozen, mesh, rules))
 
 
 def init_train_state(model: SentenceModel, optimizer: optax.GradientTransformation, mesh: AnyMesh, rules: Rules,
@@ -153,8 +117,7 @@ def init_train_state(model: SentenceModel, optimizer: optax.GradientTransformati
     params = jax.tree.map(lambda x: x.astype(jnp.float32), params)
     if frozen_dtype is not None:
         frozen = _cast_params(frozen, frozen_dtype)
-    shardings = StepShardings(train_state_shardings(params, optimizer, mesh, rules),
-                              state_shardings(frozen, mesh, rules))
+    shardings = step_shardings(params, frozen, optimizer, mesh, rules)
     params = jax.device_put(params, shardings.state.params)
     state = jax.jit(lambda p: TrainState.create(p, optimizer, seed), out_shardings=shardings.state)(params)
     return graphdef, state, jax.device_put(frozen, shardings.frozen), shardings
@@ -206,18 +169,6 @@ def from_microbatches(x: jax.Array) -> jax.Array:
     return jnp.swapaxes(x, 0, 1).reshape(-1, *x.shape[2:])
 
 
-def contrastive_objective(emb: jax.Array, group_ids: Optional[jax.Array], loss_config: Any
-                          ) -> tuple[jax.Array, dict[str, jax.Array]]:
-    """`contrastive_loss` on embeddings [B, C, D] (columns anchor, positive[, negative])."""
-    negative = emb[:, 2] if emb.shape[1] > 2 else None
-    return contrastive_loss(
-        emb[:, 0], emb[:, 1], negative,
-        temperature=loss_config.temperature, symmetric=loss_config.symmetric,
-        hard_negative_weight=loss_config.hard_negative_weight,
-        group_ids=group_ids if loss_config.mask_false_negatives else None,
-        label_smoothing=loss_config.label_smoothing)
-
-
 def loss_and_grads(graphdef: nnx.GraphDef, params: nnx.State, frozen: nnx.State, batch: Batch, keys: jax.Array,
                    loss_config: Any, *, microbatch_size: Optional[int] = None, mesh: Optional[AnyMesh] = None,
                    param_shardings: Any = None, cache_layer_inputs: bool = False
@@ -239,7 +190,7 @@ def loss_and_grads(graphdef: nnx.GraphDef, params: nnx.State, frozen: nnx.State,
         one full-remat step instead of an extra forward, for num_layers x tokens x d_model
         of memory.
     """
-    ids = stack_columns(batch, getattr(loss_config, "use_hard_negatives", True))
+    ids = stack_columns(batch, loss_config.use_hard_negatives)
     group_ids = batch.get("group_id")
     b = ids.shape[0]
     k = 1 if microbatch_size is None else b // microbatch_size
@@ -248,11 +199,11 @@ def loss_and_grads(graphdef: nnx.GraphDef, params: nnx.State, frozen: nnx.State,
     if keys.shape != (k,):
         raise ValueError(f"train step: got dropout keys of shape {keys.shape}, expected ({k},) for {k} micro-batch(es)")
 
-    def replicated(x):
-        return x if mesh is None else jax.lax.with_sharding_constraint(x, NamedSharding(mesh, PartitionSpec()))
+    def gathered(x):
+        return x if mesh is None else jax.lax.with_sharding_constraint(x, replicated(mesh))
 
     def objective(emb):
-        return contrastive_objective(replicated(emb), group_ids, loss_config)
+        return batch_loss(gathered(emb), group_ids, loss_config)
 
     embed = lambda p, x, key: embed_microbatch(graphdef, p, frozen, x, key)
 
@@ -265,17 +216,14 @@ def loss_and_grads(graphdef: nnx.GraphDef, params: nnx.State, frozen: nnx.State,
 
     micro = to_microbatches(ids, k)  # [k, mb, C, L]
     if mesh is not None:
-        shards = 1
-        for a in BATCH_MESH_AXES:
-            shards *= mesh.shape[a]
+        shards = num_batch_shards(mesh)
         if microbatch_size % shards:
             raise ValueError(f"train step: microbatch_size={microbatch_size} is not a multiple of the {shards} "
                              f"batch shards of the mesh ({dict(mesh.shape)}); every micro-batch is split over them")
-        micro = jax.lax.with_sharding_constraint(micro, NamedSharding(mesh, PartitionSpec(None, BATCH_MESH_AXES)))
+        micro = jax.lax.with_sharding_constraint(micro, batch_axis_sharding(mesh, 1))
 
     def constrain_batch(x, axis):
-        return x if mesh is None else jax.lax.with_sharding_constraint(
-            x, NamedSharding(mesh, PartitionSpec(*[None] * axis, BATCH_MESH_AXES)))
+        return x if mesh is None else jax.lax.with_sharding_constraint(x, batch_axis_sharding(mesh, axis))
 
     def constrain_params(tree):
         return tree if param_shardings is None else jax.lax.with_sharding_constraint(tree, param_shardings)
@@ -295,7 +243,7 @@ def make_train_step(graphdef: nnx.GraphDef, optimizer: optax.GradientTransformat
     Args:
       graphdef: from `init_train_state` / `split_trainable`.
       optimizer: the optax transformation that built `state.opt_state`.
-      loss_config: a `LossConfig` (or any object with its attributes).
+      loss_config: a `mst5_jax.core.losses.LossConfig`; its `name` picks the registered loss.
       mesh: the ("data", "fsdp", "tensor") mesh; the batch is split over (data, fsdp).
       shardings: the state's and the frozen parameters' shardings (`init_train_state`).
       microbatch_size: None, or GradCache micro-batches of that many triplets.
@@ -303,8 +251,8 @@ def make_train_step(graphdef: nnx.GraphDef, optimizer: optax.GradientTransformat
         `loss_and_grads`).
 
     Metrics (float32 scalars, replicated; the loss is that of the batch that produced this
-    update): loss, accuracy, pos_sim, neg_sim (and hard_neg_sim with negatives) from
-    `contrastive_loss`, grad_norm (global L2 norm of the trainable gradient), and is_finite
+    update) and the loss's own metrics (the contrastive loss: accuracy, pos_sim, neg_sim, and
+    hard_neg_sim with negatives), grad_norm (global L2 norm of the trainable gradient), and is_finite
     (1.0 when loss and gradient norm are finite, else 0.0; the update is applied anyway,
     wrap the optimizer in `optax.apply_if_finite` to skip such steps).
     """
@@ -322,25 +270,23 @@ def make_train_step(graphdef: nnx.GraphDef, optimizer: optax.GradientTransformat
                        is_finite=(jnp.isfinite(loss) & jnp.isfinite(grad_norm)).astype(jnp.float32))
         return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
 
-    replicated = NamedSharding(mesh, PartitionSpec())
     return jax.jit(step, in_shardings=(shardings.state, shardings.frozen, batch_sharding(mesh, 1)),
-                   out_shardings=(shardings.state, replicated), donate_argnums=(0,))
+                   out_shardings=(shardings.state, replicated(mesh)), donate_argnums=(0,))
 
 
 def make_eval_step(graphdef: nnx.GraphDef, loss_config: Any, mesh: AnyMesh, shardings: StepShardings
                    ) -> Callable[[nnx.State, nnx.State, Batch], dict[str, jax.Array]]:
     """The jitted held-out step `(params, frozen, batch) -> metrics`: no dropout, no gradient.
 
-    Metrics are those of `contrastive_loss` (loss, accuracy, pos_sim, neg_sim, ...) over the
-    whole global batch, like the training step's.
+    Metrics are those of the configured loss (contrastive: loss, accuracy, pos_sim, neg_sim,
+    ...) over the whole global batch, like the training step's.
     """
     def evaluate(params: nnx.State, frozen: nnx.State, batch: Batch):
         ids = stack_columns(batch, loss_config.use_hard_negatives)
         emb = embed_microbatch(graphdef, params, frozen, ids, None)
-        emb = jax.lax.with_sharding_constraint(emb, NamedSharding(mesh, PartitionSpec()))
-        loss, metrics = contrastive_objective(emb, batch.get("group_id"), loss_config)
+        emb = jax.lax.with_sharding_constraint(emb, replicated(mesh))
+        loss, metrics = batch_loss(emb, batch.get("group_id"), loss_config)
         return dict(metrics, loss=loss)
 
-    replicated = NamedSharding(mesh, PartitionSpec())
     return jax.jit(evaluate, in_shardings=(shardings.state.params, shardings.frozen, batch_sharding(mesh, 1)),
-                   out_shardings=replicated)
+                   out_shardings=replicated(mesh))

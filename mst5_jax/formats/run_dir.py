@@ -1,4 +1,4 @@
-"""Training-run checkpoints: orbax CheckpointManager under MODEL_DIR/checkpoints.
+"""The run directory format: run.json, the orbax steps under MODEL_DIR/checkpoints, and loading a run.
 
 A run directory looks like:
 
@@ -169,7 +169,7 @@ def load_run_model(model_dir: str | os.PathLike, step: str | int = "latest", dty
             chosen = int(step)
             if chosen not in mngr.all_steps():
                 raise FileNotFoundError(f"{model_dir}: no checkpoint at step {chosen}; have {mngr.all_steps()}")
-        from mst5_jax.training import manifest
+        from mst5_jax.formats import manifest
 
         if step == "latest" and chosen is not None:
             chosen = manifest.newest_verified_step(mngr.directory, mngr.all_steps(), require_manifest=False)

@@ -112,10 +112,7 @@ def write(step_dir: str | os.PathLike, hash_limit: Optional[int] = None) -> Opti
     Call it after orbax has committed the step (`RunCheckpoints.save` returned). Returns
     the manifest path, or None on processes other than 0.
     """
-    from mst5_jax.training import faults
-
     step_dir = pathlib.Path(step_dir)
-    faults.maybe_fault("ckpt_before_manifest", int(step_dir.name) if step_dir.name.isdigit() else None)
     if not _is_primary():
         return None
     if not step_dir.is_dir():
