@@ -29,7 +29,7 @@ from mst5_jax.evals import HashEncoder
 from mst5_jax.evals.data import package_versions
 from mst5_jax.evals.report import compare_table, markdown_table, to_json
 from mst5_jax.evals.runner import DEFAULT_TASKS, parse_tasks, run, run_tasks
-from mst5_jax.utils import cli, paths
+from mst5_jax.utils import cli, fs, paths
 from mst5_jax.utils.cli import UserError
 from mst5_jax.utils.files import model_files_fingerprint, write_text_atomic
 
@@ -87,7 +87,7 @@ def _evaluate(args, argv) -> int:
         "model_fingerprint": model_files_fingerprint(args.model) if args.model else None,
         "adapter": args.adapter, "adapter_fingerprint": model_files_fingerprint(args.adapter),
         "dtype": args.dtype if args.model else "float32", "pooling": pooling, "max_length": max_length,
-        "batch_size": batch_size, "device": device, "data_dir": str(pathlib.Path(args.data_dir).resolve()),
+        "batch_size": batch_size, "device": device, "data_dir": fs.resolved(args.data_dir),
         "tasks": tasks, "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "versions": package_versions(), "argv": sys.argv[1:] if argv is None else [str(a) for a in argv],
     }

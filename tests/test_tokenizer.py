@@ -9,8 +9,6 @@ import io
 import json
 import pathlib
 import shutil
-import sys
-import types
 import unicodedata
 
 import numpy as np
@@ -206,28 +204,10 @@ def test_pad_save_roundtrip_and_errors(hf_dir, spiece_dir, tmp_path, corpus):
         Tokenizer.from_pretrained(tmp_path / "missing" / "dir")
 
 
-def test_gs_url_reads_through_tf_gfile(spiece_dir, sp, monkeypatch):
-    """seqio's default vocab is a gs:// URL: it is read with tf.io.gfile (faked here, no network)."""
-    url = "gs://t5-data/vocabs/mc4.250000.100extra/sentencepiece.model"
-    opened = []
-
-    class FakeGFile(io.BytesIO):
-        def __init__(self, path, mode):
-            opened.append((path, mode))
-            super().__init__((spiece_dir / "spiece.model").read_bytes())
-
-    fake_tf = types.ModuleType("tensorflow")
-    fake_tf.io = types.SimpleNamespace(gfile=types.SimpleNamespace(GFile=FakeGFile))
-    monkeypatch.setitem(sys.modules, "tensorflow", fake_tf)
-    tok = Tokenizer.from_pretrained(url)
-    assert opened == [(url, "rb")]
-    assert tok.encode_batch(["Hello world"]) == [sp.encode("Hello world") + [1]]
-
-    monkeypatch.setitem(sys.modules, "tensorflow", None)  # not installed
-    with pytest.raises(ImportError, match="needs tensorflow"):
-        Tokenizer.from_pretrained(url)
-    with pytest.raises(ValueError, match=r"\.model"):
-        Tokenizer.from_pretrained("gs://bucket/some/dir/")
+def test_url_schemes_other_than_gs_are_refused():
+    """gs:// is read through mst5_jax.utils.fs (tests/test_gcs.py, against an emulator)."""
+    with pytest.raises(ValueError, match="unsupported URL scheme"):
+        Tokenizer.from_pretrained("s3://bucket/spiece.model")
 
 
 def test_hub_id_goes_through_snapshot_download(hf_dir, monkeypatch):

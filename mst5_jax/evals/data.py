@@ -15,19 +15,21 @@ from __future__ import annotations
 import csv
 import datetime
 import importlib.metadata
+import io
 import os
 import pathlib
 import platform
 import sys
 from typing import Iterable, Optional
 
+from mst5_jax.utils import fs
 from mst5_jax.utils.files import read_lines, sha256_file  # noqa: F401  (re-exported for the evaluators)
 
 PathLike = str | os.PathLike
 
 
 
-def resolve_dataset_dir(data_dir: PathLike, subdir: str, marker: str) -> pathlib.Path:
+def resolve_dataset_dir(data_dir: PathLike, subdir: str, marker: str) -> fs.AnyPath:
     """Return the folder that holds a dataset, given the data root or the folder itself.
 
     Args:
@@ -39,7 +41,7 @@ def resolve_dataset_dir(data_dir: PathLike, subdir: str, marker: str) -> pathlib
     Raises:
       FileNotFoundError: naming every path tried.
     """
-    root = pathlib.Path(data_dir)
+    root = fs.as_path(data_dir)
     parts = pathlib.PurePosixPath(subdir).parts
     # data root, then each shorter tail of subdir (e.g. chinese_sts/LCQMC, LCQMC), then data_dir.
     candidates = [root.joinpath(*parts[i:]) for i in range(len(parts))] + [root]
@@ -50,7 +52,7 @@ def resolve_dataset_dir(data_dir: PathLike, subdir: str, marker: str) -> pathlib
     raise FileNotFoundError(f"{subdir}: file {marker!r} not found; tried: {tried}")
 
 
-def require_file(path: pathlib.Path, what: str) -> pathlib.Path:
+def require_file(path: fs.AnyPath, what: str) -> fs.AnyPath:
     """Return ``path`` if it is a file, else raise FileNotFoundError naming it and ``what``."""
     if not path.is_file():
         raise FileNotFoundError(f"{what}: missing file {path}")
@@ -81,7 +83,7 @@ def read_csv_rows(path: PathLike, delimiter: str, skip_header: bool = False, num
     Opened with ``newline=''`` so CRLF endings and newlines inside quoted fields are handled
     by the csv module, and with ``utf-8-sig`` so a BOM does not end up in the first field.
     """
-    with open(path, encoding="utf-8-sig", newline="") as f:
+    with fs.open_file(path, "rb") as raw, io.TextIOWrapper(raw, encoding="utf-8-sig", newline="") as f:
         rows = list(csv.reader(f, delimiter=delimiter))
     if skip_header:
         rows = rows[1:]
@@ -121,10 +123,10 @@ class FileLog:
     """Records the data files an evaluator read, for its ``"meta"`` entry."""
 
     def __init__(self) -> None:
-        self._paths: list[pathlib.Path] = []
+        self._paths: list[fs.AnyPath] = []
 
-    def add(self, path: PathLike) -> pathlib.Path:
-        p = pathlib.Path(path)
+    def add(self, path: PathLike) -> fs.AnyPath:
+        p = fs.as_path(path)
         if p not in self._paths:
             self._paths.append(p)
         return p
@@ -138,7 +140,7 @@ class FileLog:
         """The ``"meta"`` dict: files with size and sha256, run settings, versions and UTC date."""
         meta = {
             "data_files": [
-                {"path": str(p.resolve()), "bytes": p.stat().st_size, "sha256": sha256_file(p)} for p in self._paths
+                {"path": fs.resolved(p), "bytes": fs.file_size(p), "sha256": sha256_file(p)} for p in self._paths
             ],
             "max_length": max_length,
             "batch_size": batch_size,

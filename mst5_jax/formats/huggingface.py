@@ -46,7 +46,7 @@ from mst5_jax.core.config import EncoderConfig
 from mst5_jax.core.lora import linear_modules
 from mst5_jax.core.model import SentenceModel, abstract_model, path_str
 from mst5_jax.formats.safetensors import CheckpointError, SafetensorsFile, write_safetensors
-from mst5_jax.utils import safety
+from mst5_jax.utils import fs, paths, safety
 
 log = logging.getLogger(__name__)
 
@@ -61,7 +61,12 @@ PROJECTION = "projection.weight"
 
 # ---------------------------------------------------------------------- locating files
 def resolve_model_dir(path: str | os.PathLike, allow_patterns: Optional[list[str]] = None) -> pathlib.Path:
-    """A local directory as is, or a hub id downloaded to the HF cache (needs the network)."""
+    """A local directory as is, a ``gs://`` directory staged into ``.cache/gcs`` (see
+    `mst5_jax.utils.fs.stage`), or a hub id downloaded to the HF cache (needs the network)."""
+    if fs.is_remote(path):
+        if not fs.as_path(path).is_dir():
+            raise CheckpointError(f"{os.fspath(path)}: no such gs:// directory (no objects under this prefix)")
+        return fs.stage(path, paths.CACHE_DIR / "gcs")
     p = pathlib.Path(path).expanduser()
     if p.is_dir():
         return p

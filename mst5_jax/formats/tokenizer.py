@@ -29,10 +29,13 @@ import logging
 import os
 import pathlib
 import shutil
+import tempfile
 import threading
 from typing import Optional, Sequence
 
 import numpy as np
+
+from mst5_jax.utils import fs, paths
 
 log = logging.getLogger(__name__)
 
@@ -69,20 +72,6 @@ def _transformers_class(directory: pathlib.Path) -> Optional[str]:
     return None
 
 
-def _read_bytes(url: str) -> bytes:
-    """Reads a ``gs://`` (or other non-local) URL with `tf.io.gfile`, the way seqio does."""
-    try:
-        import tensorflow as tf  # noqa: PLC0415 (optional dependency)
-    except ImportError as e:
-        raise ImportError(
-            f"Reading the vocabulary {url!r} needs tensorflow (tf.io.gfile), which is not "
-            "installed. Install the [tf] extra, or copy the file locally (e.g. `gsutil cp "
-            f"{url} spiece.model`) and pass the local path."
-        ) from e
-    with tf.io.gfile.GFile(url, "rb") as f:
-        return f.read()
-
-
 class Tokenizer:
     """A SentencePiece/HF tokenizer giving mT5 token ids (EOS 1 appended, pad 0).
 
@@ -113,15 +102,21 @@ class Tokenizer:
 
         Args:
           path: an HF-format directory (``tokenizer.json`` and/or ``spiece.model``), a
-            SentencePiece ``.model`` file, a ``gs://...`` URL of one (read with
-            ``tf.io.gfile``; needs tensorflow), or a Hugging Face hub id (downloaded with
-            huggingface_hub when the network exists, then loaded like a directory).
+            SentencePiece ``.model`` file, a ``gs://...`` URL of either (read through
+            `mst5_jax.utils.fs`; a directory is staged locally), or a Hugging Face hub id
+            (downloaded with huggingface_hub when the network exists, then loaded like a
+            directory).
         """
         s = os.fspath(path)
-        if s.startswith("gs://") or (("://" in s) and not s.startswith("file://")):
-            if s.endswith("/") or not s.endswith(".model"):
-                raise ValueError(f"{s}: a remote vocabulary must be a SentencePiece .model file URL")
-            return cls(sp_model_proto=_read_bytes(s), source=s)
+        if fs.is_remote(s):
+            remote = fs.as_path(s)
+            if remote.is_dir():
+                return cls._from_directory(fs.stage(s, paths.CACHE_DIR / "gcs"))
+            if not remote.is_file():
+                raise FileNotFoundError(f"No tokenizer at {s!r}: no such gs:// object or directory")
+            return cls(sp_model_proto=remote.read_bytes(), source=s)
+        if "://" in s and not s.startswith("file://"):
+            raise ValueError(f"{s}: unsupported URL scheme (expected a local path or gs://)")
         p = pathlib.Path(s.removeprefix("file://"))
         if p.is_dir():
             return cls._from_directory(p)
@@ -229,6 +224,11 @@ class Tokenizer:
     # ------------------------------------------------------------------ saving
     def save(self, directory: str | os.PathLike) -> None:
         """Writes ``spiece.model`` and/or ``tokenizer.json`` (plus ``tokenizer_config.json``)."""
+        if fs.is_remote(directory):
+            with tempfile.TemporaryDirectory(prefix="mst5-tokenizer-") as tmp:
+                self.save(tmp)
+                fs.upload_dir(tmp, directory)
+            return
         out = pathlib.Path(directory)
         out.mkdir(parents=True, exist_ok=True)
         for name, src in self._files.items():

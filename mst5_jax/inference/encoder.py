@@ -21,6 +21,7 @@ import dataclasses
 import logging
 import os
 import pathlib
+import tempfile
 import threading
 import time
 from typing import Any, Callable, Optional, Sequence
@@ -34,7 +35,7 @@ from mst5_jax.core import lora
 from mst5_jax.core.config import ConfigError, EncoderConfig
 from mst5_jax.core.model import SentenceModel
 from mst5_jax.formats import huggingface, peft
-from mst5_jax.utils import safety
+from mst5_jax.utils import fs, safety
 
 log = logging.getLogger(__name__)
 
@@ -147,8 +148,10 @@ class SentenceEncoder:
         Args:
           path: HF directory/hub id (`config.json`, a tokenizer, and safetensors, sharded
             safetensors or `pytorch_model.bin`), a sentence-transformers directory
-            (`modules.json`), or a training run's MODEL_DIR.
-          adapter: optional PEFT LoRA adapter directory (or hub id).
+            (`modules.json`), or a training run's MODEL_DIR. Any of the directories may be
+            a ``gs://`` URL (`STORAGE_EMULATOR_HOST` redirects to an emulator); a model
+            directory is staged into ``.cache/gcs`` first (`mst5_jax.utils.fs.stage`).
+          adapter: optional PEFT LoRA adapter directory (or hub id, or ``gs://`` URL).
           dtype: compute dtype, "float32" or "bfloat16".
           param_dtype: storage dtype of the weights; defaults to `dtype`.
           step: for a training run, "latest", "best" or a step number.
@@ -157,7 +160,7 @@ class SentenceEncoder:
         from mst5_jax.formats.tokenizer import Tokenizer
 
         param_dtype = param_dtype or dtype
-        p = pathlib.Path(path).expanduser()
+        p = fs.as_path(path)
         if p.is_dir() and (p / "checkpoints").is_dir():
             from mst5_jax.formats import run_dir
 
@@ -369,14 +372,20 @@ class SentenceEncoder:
 
     # ------------------------------------------------------------------ saving
     def save_pretrained(self, out_dir: str | os.PathLike, *, format: str = "hf", merge_lora: bool = True,
-                        dtype: Optional[str] = None) -> pathlib.Path:
+                        dtype: Optional[str] = None) -> fs.AnyPath:
         """Writes an HF directory (`format="hf"`) or a sentence-transformers one.
 
         With LoRA and `merge_lora=True` the adapter is folded into the saved weights (the
         in-memory model is left bit-identical, `mst5_jax.core.lora.merged`); with
         `merge_lora=False` the base goes to `out_dir` and the adapter to
-        `out_dir/adapter` as a PEFT directory.
+        `out_dir/adapter` as a PEFT directory. A ``gs://`` `out_dir` is written to a local
+        temporary folder first, then uploaded file by file.
         """
+        if fs.is_remote(out_dir):
+            with tempfile.TemporaryDirectory(prefix="mst5-save-") as tmp:
+                self.save_pretrained(tmp, format=format, merge_lora=merge_lora, dtype=dtype)
+                fs.upload_dir(tmp, out_dir)
+            return fs.as_path(out_dir)
         out = pathlib.Path(out_dir)
         if format == "sentence-transformers":
             from mst5_jax.formats import st_format

@@ -7,6 +7,10 @@
   files, manifests, embeddings, results). The bytes go to a temporary file in the same
   folder, are fsynced, then renamed over the target, so a reader sees the old file or the
   new one, never a mix. A failure leaves the old file as it was and removes the temporary.
+  A ``gs://`` target is staged in a local temporary file and uploaded as one object on
+  success (a GCS object write is atomic), so the same guarantee holds.
+
+Every reader here also takes a ``gs://`` URL (through `mst5_jax.utils.fs`).
 - `sha256_file`: the content hash of one file, streamed.
 - `read_tsv` / `distinct_texts`: tab-separated files in csv.writer's dialect (XNLI, STS).
 - `model_files_fingerprint`: the identity of a model or adapter directory (its files' sizes
@@ -17,12 +21,16 @@ from __future__ import annotations
 import contextlib
 import csv
 import hashlib
+import io
 import json
 import os
 import pathlib
+import shutil
 import sys
 import tempfile
 from typing import IO, Any, Iterator, Sequence, Union
+
+from mst5_jax.utils import fs
 
 PathLike = Union[str, os.PathLike]
 
@@ -37,7 +45,7 @@ def iter_lines(path: PathLike) -> Iterator[tuple[int, str]]:
 
     Memory stays at one line. Invalid UTF-8 is a ValueError naming the file and line.
     """
-    with open(path, "rb") as f:
+    with fs.open_file(path, "rb") as f:
         for lineno, raw in enumerate(f, 1):
             if raw.endswith(b"\n"):
                 raw = raw[:-2] if raw.endswith(b"\r\n") else raw[:-1]
@@ -86,6 +94,10 @@ def atomic_write(path: PathLike, mode: str = "w", encoding: str | None = "utf-8"
     """
     if mode not in ("w", "wb"):
         raise ValueError(f"atomic_write mode={mode!r}: expected 'w' or 'wb'")
+    if fs.is_remote(path):
+        with _remote_atomic_write(path, mode, encoding) as f:
+            yield f
+        return
     path = pathlib.Path(path)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
@@ -99,6 +111,22 @@ def atomic_write(path: PathLike, mode: str = "w", encoding: str | None = "utf-8"
             os.unlink(tmp)
         raise
     fsync_dir(path.parent)
+
+
+@contextlib.contextmanager
+def _remote_atomic_write(url: PathLike, mode: str, encoding: str | None) -> Iterator[IO[Any]]:
+    """`atomic_write` for gs://: a local temporary, uploaded as one object on success."""
+    with tempfile.TemporaryFile(mode="w+b") as tmp:
+        if mode == "wb":
+            yield tmp
+        else:
+            text = io.TextIOWrapper(tmp, encoding=encoding)
+            yield text
+            text.flush()
+            text.detach()
+        tmp.seek(0)
+        with fs.as_path(url).open("wb") as out:
+            shutil.copyfileobj(tmp, out, _CHUNK)
 
 
 def write_text_atomic(path: PathLike, text: str) -> None:
@@ -115,7 +143,7 @@ def write_json_atomic(path: PathLike, obj: Any, **dumps_kwargs: Any) -> None:
 def sha256_file(path: PathLike) -> str:
     """Hex sha256 of the whole content of `path`, read in 4 MiB chunks."""
     h = hashlib.sha256()
-    with open(path, "rb") as f:
+    with fs.open_file(path, "rb") as f:
         for chunk in iter(lambda: f.read(_CHUNK), b""):
             h.update(chunk)
     return h.hexdigest()
@@ -165,7 +193,8 @@ def read_tsv(path: PathLike, *, quoting: int = csv.QUOTE_MINIMAL,
     undecodable bytes visible to the caller's checks instead of raising.
     """
     # utf-8-sig: the one BOM policy of this module (a leading BOM is dropped).
-    with open(path, encoding="utf-8-sig", errors=errors, newline="") as f:
+    with fs.open_file(path, "rb") as raw, \
+            io.TextIOWrapper(raw, encoding="utf-8-sig", errors=errors, newline="") as f:
         reader = csv.reader(f, delimiter="\t", quoting=quoting)
         start = 1
         for fields in reader:

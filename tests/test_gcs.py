@@ -1,0 +1,174 @@
+"""gs:// paths against a GCS emulator: models, adapters, vocabularies, data files, orbax arrays.
+
+Only ``STORAGE_EMULATOR_HOST`` is set (as a google-cloud-storage user would); everything else
+(gcsfs, tensorstore) is mapped from it by `mst5_jax.utils.fs.configure`. References are
+HF PyTorch / peft on the same files read locally. Every test runs from an empty working
+directory and checks that no local folder named ``gs:`` appeared.
+"""
+import os
+import pathlib
+import uuid
+
+import numpy as np
+import pytest
+
+from fixtures_models import tiny_hf_model_dir  # noqa: F401
+from gcs_emulator import BUCKET, start_emulator
+from hf_reference import rel_err
+from mst5_jax.utils import files, fs
+from mst5_jax.utils.paths import REPO_ROOT as REPO
+
+SENTENCES = ["A man is playing a guitar.", "Un homme joue de la guitare.", "", "رجل يعزف على الجيتار"]
+
+
+@pytest.fixture(scope="module")
+def emulator_url():
+    server, url = start_emulator()
+    yield url
+    server.stop()
+
+
+@pytest.fixture
+def gcs(emulator_url, monkeypatch, tmp_path):
+    """A fresh ``gs://`` prefix on the emulator; the test runs in an empty cwd."""
+    monkeypatch.setenv(fs.EMULATOR_ENV, emulator_url)
+    for name in (fs.TENSORSTORE_URL_ENV, fs.TENSORSTORE_TOKEN_ENV):
+        assert os.environ.get(name) in (None, fs._exported.get(name)), f"{name} set outside the test"
+    cwd = tmp_path / "cwd"
+    cwd.mkdir()
+    monkeypatch.chdir(cwd)
+    yield f"gs://{BUCKET}/{uuid.uuid4().hex[:12]}"
+    assert not any(p.name == "gs:" for p in tmp_path.rglob("*")), "a local folder named gs: was written"
+    assert not (REPO / "gs:").exists()
+
+
+def _hf_embed(model_dir, sentences, adapter=None):
+    """Reference: transformers MT5EncoderModel (+ peft adapter) + masked mean, fp32."""
+    import torch
+    import transformers
+
+    tok = transformers.AutoTokenizer.from_pretrained(str(model_dir))
+    model = transformers.MT5EncoderModel.from_pretrained(str(model_dir)).float().eval()
+    if adapter is not None:
+        import peft
+
+        model = peft.PeftModel.from_pretrained(model, str(adapter)).eval()
+    batch = tok(sentences, padding=True, truncation=True, max_length=512, return_tensors="pt")
+    with torch.no_grad():
+        h = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
+    m = batch["attention_mask"][..., None].float()
+    return ((h * m).sum(1) / m.sum(1)).numpy()
+
+
+def test_emulator_variable_alone_configures_every_client(gcs):
+    fs.configure()
+    assert os.environ[fs.TENSORSTORE_URL_ENV] == os.environ[fs.EMULATOR_ENV]
+    assert os.environ[fs.TENSORSTORE_TOKEN_ENV]
+    p = fs.as_path(f"{gcs}/a/b.txt")
+    assert str(p) == f"{gcs}/a/b.txt" and fs.is_remote(p)
+    p.write_text("hello")
+    assert p.read_text() == "hello" and fs.list_files(gcs) == ["a/b.txt"]
+
+
+def test_orbax_arrays_round_trip_through_tensorstore(gcs):
+    import orbax.checkpoint as ocp
+
+    tree = {"w": np.arange(12, dtype=np.float32).reshape(3, 4), "b": np.float32(2.5) * np.ones(5, np.float32)}
+    ckpt = fs.as_path(f"{gcs}/ckpt")
+    with ocp.StandardCheckpointer() as c:
+        c.save(ckpt, tree)
+    assert any(f.endswith(".zarray") or "ocdbt" in f or "d/" in f for f in fs.list_files(ckpt))
+    with ocp.StandardCheckpointer() as c:
+        back = c.restore(ckpt, tree)
+    np.testing.assert_array_equal(back["w"], tree["w"])
+    np.testing.assert_array_equal(back["b"], tree["b"])
+
+
+def test_hf_model_from_gs_matches_hf_pytorch(gcs, tiny_hf_model_dir):
+    from mst5_jax import SentenceEncoder
+
+    fs.upload_dir(tiny_hf_model_dir, f"{gcs}/model")
+    enc = SentenceEncoder.from_pretrained(f"{gcs}/model")
+    err = rel_err(enc.encode(SENTENCES, batch_size=2), _hf_embed(tiny_hf_model_dir, SENTENCES))
+    print(f"gs:// model vs HF PyTorch (local files): rel_err={err:.2e}")
+    assert err <= 1e-4
+
+
+def test_peft_adapter_from_gs_matches_peft(gcs, tiny_hf_model_dir, tmp_path):
+    import peft
+    import torch
+    from transformers import MT5EncoderModel
+
+    from mst5_jax import SentenceEncoder
+
+    torch.manual_seed(0)
+    pm = peft.get_peft_model(MT5EncoderModel.from_pretrained(tiny_hf_model_dir),
+                             peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q", "v"], init_lora_weights=False))
+    pm.save_pretrained(tmp_path / "adapter")
+    fs.upload_dir(tmp_path / "adapter", f"{gcs}/adapter")
+    enc = SentenceEncoder.from_pretrained(tiny_hf_model_dir, adapter=f"{gcs}/adapter")
+    err = rel_err(enc.encode(SENTENCES), _hf_embed(tiny_hf_model_dir, SENTENCES, adapter=tmp_path / "adapter"))
+    print(f"gs:// adapter vs peft: rel_err={err:.2e}")
+    assert err <= 1e-4 and enc.adapter == f"{gcs}/adapter"
+
+
+def test_save_pretrained_to_gs_then_reload(gcs, tiny_hf_model_dir, tmp_path):
+    from mst5_jax import SentenceEncoder
+
+    out = SentenceEncoder.from_pretrained(tiny_hf_model_dir).save_pretrained(f"{gcs}/saved")
+    assert str(out) == f"{gcs}/saved"
+    names = set(fs.list_files(f"{gcs}/saved"))
+    assert {"config.json", "model.safetensors"} <= names and names & {"tokenizer.json", "spiece.model"}
+    local = tmp_path / "downloaded"
+    for rel in names:
+        (local / rel).parent.mkdir(parents=True, exist_ok=True)
+        (local / rel).write_bytes(fs.as_path(f"{gcs}/saved/{rel}").read_bytes())
+    # The saved files, read by transformers, give the original model's embeddings.
+    err = rel_err(_hf_embed(local, SENTENCES), _hf_embed(tiny_hf_model_dir, SENTENCES))
+    assert err <= 1e-6
+    err = rel_err(SentenceEncoder.from_pretrained(f"{gcs}/saved").encode(SENTENCES), _hf_embed(local, SENTENCES))
+    assert err <= 1e-4
+
+
+def test_vocabulary_from_gs_gives_the_local_ids(gcs, tiny_hf_model_dir):
+    from mst5_jax.formats.tokenizer import Tokenizer
+
+    local = pathlib.Path(tiny_hf_model_dir) / "spiece.model"
+    url = f"{gcs}/vocab/spiece.model"
+    fs.as_path(url).write_bytes(local.read_bytes())
+    ours, ref = Tokenizer.from_pretrained(url), Tokenizer.from_pretrained(local)
+    assert ours.source == url
+    assert ours.encode_batch(SENTENCES) == ref.encode_batch(SENTENCES)
+    with pytest.raises(FileNotFoundError, match="no such gs:// object"):
+        Tokenizer.from_pretrained(f"{gcs}/vocab/missing.model")
+
+
+def test_atomic_write_and_read_lines_on_gs(gcs):
+    url = f"{gcs}/out/lines.txt"
+    files.write_text_atomic(url, "\ufeffeins\r\nzwei\ndrei")
+    assert files.read_lines(url) == ["eins", "zwei", "drei"]
+    with pytest.raises(RuntimeError):
+        with files.atomic_write(url) as f:
+            f.write("half")
+            raise RuntimeError("boom")
+    assert files.read_lines(url) == ["eins", "zwei", "drei"]  # the failed write changed nothing
+    files.write_json_atomic(f"{gcs}/out/x.json", {"a": 1})
+    assert fs.as_path(f"{gcs}/out/x.json").read_text() == '{\n  "a": 1\n}\n'
+    import hashlib
+
+    assert files.sha256_file(url) == hashlib.sha256("\ufeffeins\r\nzwei\ndrei".encode()).hexdigest()
+
+
+def test_evaluator_reads_a_gs_data_dir(gcs, data_dir):
+    """xsts on a gs:// DATA_DIR equals xsts on the local folder (hash encoder, scipy spearman)."""
+    from mst5_jax.evals import HashEncoder
+    from mst5_jax.evals.sts import xsts
+
+    src = pathlib.Path(data_dir) / "sts17"
+    fs.upload_dir(src, f"{gcs}/data/sts17")
+    enc = HashEncoder(dim=64)
+    remote = xsts(enc.encode, f"{gcs}/data", extended=False)
+    local = xsts(enc.encode, data_dir, extended=False)
+    strip = lambda r: {k: v for k, v in r.items() if k != "meta"}  # noqa: E731
+    assert strip(remote) == strip(local) and strip(local)
+    assert all(f["path"].startswith(gcs) for f in remote["meta"]["data_files"])
