@@ -13,7 +13,7 @@ tokenisation included. Each side runs once to warm up (our first call compiles e
 shape), then `--repeats` timed runs; the best is kept. It checks that the embeddings agree
 (max relative difference <= 1e-5) and prints sentences/s, the padding fraction (padded token
 positions that are padding; sentence-transformers pads each batch of its length-sorted order to
-its longest member) and the ratio. Goal (issue 19): ours >= 4x sentence-transformers.
+its longest member) and the ratio. Goal (docs/BENCHMARKS.md): ours >= 4x sentence-transformers.
 """
 import argparse
 import os

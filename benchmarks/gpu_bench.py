@@ -1,4 +1,4 @@
-"""GPU benchmark of issue 9: this project against HF PyTorch + PEFT, side by side, one card.
+"""GPU benchmark: this project against HF PyTorch + PEFT, side by side, one card.
 
     python benchmarks/gpu_bench.py                      # --suite core, on the GPU machine
     python benchmarks/gpu_bench.py --quick              # CPU, tiny sizes: checks every row runs
@@ -11,7 +11,7 @@ Imports `mst5_jax` (for sizes and FLOPs) and the sibling `_bench_common`: run it
 from the repository root with the package installed, or with `PYTHONPATH=.` (the GPU
 machine has no pip install; benchmarks/run_on_gpu.sh sets PYTHONPATH itself).
 
---core (issue 19): the bf16 matmul peak; our xxl LoRA step at the best policy (--best-remat)
+--core: the bf16 matmul peak; our xxl LoRA step at the best policy (--best-remat)
 and at the memory-bound one (full remat) against the reference (sdpa and eager, with and
 without gradient checkpointing); xxl and base encode against the reference, without the
 parity passes. Budget 480 s, sized for one cold H100/H200 device call of 9 minutes.
@@ -35,7 +35,7 @@ Rows (core suite, mT5 sizes, bf16 compute and weights, LoRA r=8 on q and v, drop
   gradcache_plain  the same GradCache without cached layer inputs (bounded memory, one
              extra forward: at most ~74% of step128 by FLOPs); last, as the budget allows.
 
-Rules (issue 9): every configuration runs in its own subprocess (JAX cannot reset its
+Rules: every configuration runs in its own subprocess (JAX cannot reset its
 peak-memory counter, and neither framework hands memory back); an out-of-memory
 configuration is a row "OOM at N", not a crash; each section has a time cap and the
 whole run a budget (--budget, default 300 s); rows are flushed to OUT/gpu_bench.jsonl
@@ -90,7 +90,7 @@ OUT_FILES = ("gpu_bench.jsonl", "gpu_bench.md", "gpu_bench_summary.json", "worke
 
 # ---------------------------------------------------------------------- sizes
 def suite_sizes(quick: bool) -> dict:
-    """Every size of the run. Core: issue 9's shapes; quick: tiny, for a CPU."""
+    """Every size of the run. Core: the shapes of docs/BENCHMARKS.md's targets; quick: tiny, for a CPU."""
     if quick:
         return {
             "models": {k: {"fields": v} for k, v in common.QUICK_MODELS.items()},
@@ -505,7 +505,7 @@ def add_flops(rows: list[dict], spec: dict) -> float | None:
 
 
 def ratios(rows: list[dict]) -> dict:
-    """The ratios issue 9's targets are stated in (ours / reference), where both sides ran."""
+    """The ratios docs/BENCHMARKS.md's targets are stated in (ours / reference), where both sides ran."""
     ok = [r for r in rows if r.get("status") == "ok" and r.get("value")]
     pick = lambda **kw: [r for r in ok if all(r.get(k) == v for k, v in kw.items())]  # noqa: E731
     out: dict[str, Any] = {}

@@ -1,4 +1,4 @@
-"""EncoderConfig: presets, parameter counts from PAPER.md, HF config round trip, bad input."""
+"""EncoderConfig: presets, parameter counts of the paper (docs/MODELS.md), HF config round trip, bad input."""
 import json
 
 import pytest
@@ -7,7 +7,7 @@ from flax import nnx
 from mst5_jax.core.config import EncoderConfig
 from mst5_jax.core.model import abstract_model, count_params
 
-# PAPER.md, "Encoder sizes": total and non-embedding encoder parameters, in millions.
+# The paper's encoder sizes (docs/MODELS.md): total and non-embedding encoder parameters, in millions.
 PAPER_COUNTS = {
     "mt5-small": (146.9, 18.9),
     "mt5-base": (277.0, 85.0),

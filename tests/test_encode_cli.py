@@ -139,7 +139,7 @@ def test_errors_name_the_problem(tiny_hf_model_dir, corpus, tmp_path):
     assert proc.returncode != 0 and "quantize the finished float32 file" in proc.stderr
 
 
-# --- outputs never destroyed or blocked, inputs checked (issue 17) -------------------------------
+# --- outputs never destroyed or blocked, inputs checked (docs/PUBLIC_API.md §4b) -------------------------------
 
 def _refused(proc, *needles):
     assert proc.returncode != 0 and "Traceback" not in proc.stderr, proc.stderr[-3000:]

@@ -152,7 +152,7 @@ def test_tiny_model_cli_matches_hf_torch(tiny_model_dir, data_dir, tmp_path):
         assert res["results"]["xsts"]["per_track"][track] == pytest.approx(ref, abs=0.05), track
 
 
-# --- outputs are never destroyed, failures keep finished tasks (issue 17) ----------------------
+# --- outputs are never destroyed, failures keep finished tasks (docs/PUBLIC_API.md §4b) ----------------------
 
 def _cli_proc(*args):
     env = {**os.environ, "PYTHONPATH": str(REPO)}

@@ -1,4 +1,4 @@
-"""CONTRACT §1: the core imports with tensorflow, seqio, gin, clu and torch all unavailable."""
+"""PUBLIC_API §1: the core imports with tensorflow, seqio, gin, clu and torch all unavailable."""
 import os
 import subprocess
 import sys

@@ -1,6 +1,6 @@
 """The Flax encoder equals HF PyTorch `MT5EncoderModel` / `T5EncoderModel` on random weights.
 
-Relative error is max|a - b| / max|b| over the whole tensor (CONTRACT.md), with HF as b.
+Relative error is max|a - b| / max|b| over the whole tensor (docs/PUBLIC_API.md), with HF as b.
 """
 import numpy as np
 import pytest

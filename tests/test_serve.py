@@ -1,4 +1,4 @@
-"""`python -m mst5_jax.serve` (CONTRACT §4c): the real server in a subprocess, on a free port.
+"""`python -m mst5_jax.serve` (PUBLIC_API §4c): the real server in a subprocess, on a free port.
 
 Reference: offline `SentenceEncoder.encode` of the same sentences (itself tested against HF
 PyTorch in test_encode.py). Servers use the tiny model, max_length 32 and a small token

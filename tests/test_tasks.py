@@ -2,7 +2,7 @@
 
 The reference parser below is deliberately independent of `tasks.sources`: it splits the
 raw bytes on CRLF and tabs and undoes csv quoting by hand, and keys triplets by the
-3-row block (line // 3), as PAPER.md describes the files.
+3-row block (line // 3), as docs/DATA.md describes the files.
 """
 import collections
 import csv
@@ -17,7 +17,7 @@ import tasks
 from tasks import registry, settings
 from tasks.triplets import XNLI_LANGUAGES, cross_language_draws, pair_by_key
 
-DOC_COUNTS = {"dev": 830, "test": 1670}  # PAPER.md: per language
+DOC_COUNTS = {"dev": 830, "test": 1670}  # docs/DATA.md: per language
 
 
 @pytest.fixture(autouse=True)

@@ -1,4 +1,4 @@
-"""mst5_jax.formats.tokenizer against CONTRACT §2's references, on Tatoeba lines in 20 scripts.
+"""mst5_jax.formats.tokenizer against PUBLIC_API §2's references, on Tatoeba lines in 20 scripts.
 
 References: `transformers.AutoTokenizer.from_pretrained(dir)` where tokenizer.json exists,
 `sentencepiece` + EOS (1) for spiece.model alone. The SentencePiece model is trained in
@@ -131,7 +131,7 @@ def test_tokenizer_json_equals_autotokenizer(hf_dir, sp, corpus):
         [ref(s, truncation=True, max_length=L)["input_ids"] for s in test]
     ids, cut = tok.encode_batch_counted(test, max_length=L)
     assert ids == tok.encode_batch(test, max_length=L) and cut == sum(len(x) > L for x in ours) > 0
-    # The two CONTRACT references side by side; they agree on (almost) all real text.
+    # The two PUBLIC_API §2 references side by side; they agree on (almost) all real text.
     bad = _disagreements("tokenizer.json (AutoTokenizer) vs spiece.model (sentencepiece+EOS)", test, ours,
                          [sp.encode(s) + [1] for s in test])
     tatoeba_bad = [b for b in bad if b[0] not in EDGE_CASES]

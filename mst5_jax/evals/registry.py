@@ -48,7 +48,7 @@ class Evaluator:
     Attributes:
       name: the task name the CLIs use (``--tasks NAME``).
       fn: ``fn(encode, data_dir, *, max_length=None, batch_size=None, device=None, **kw) -> dict``,
-        the public evaluator function (CONTRACT §3).
+        the public evaluator function (PUBLIC_API §3).
       headline: result -> the one number the study averages (None when not available).
       table_rows: result -> rows of the evaluate CLI's markdown table.
       languages: result -> per-language rows (study's gains analysis); none by default.

@@ -1,4 +1,4 @@
-"""Text to token ids, as CONTRACT §2 defines them (TensorFlow-free, no seqio).
+"""Text to token ids, as PUBLIC_API §2 defines them (TensorFlow-free, no seqio).
 
 Two backends, chosen by what the tokenizer directory holds:
 

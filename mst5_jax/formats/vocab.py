@@ -1,4 +1,4 @@
-"""Which SentencePiece vocabulary the data pipeline uses (CONTRACT §4).
+"""Which SentencePiece vocabulary the data pipeline uses (PUBLIC_API §4).
 
 In order: the ``MST5_VOCAB`` environment variable (a path or ``gs://`` URL of a
 SentencePiece model; gin can pass one explicitly to `tasks.configure`), else a small

@@ -1,6 +1,6 @@
 """FLOP accounting: the model FLOPs behind MFU, and the matmul FLOPs a traced program really does.
 
-`model_flops_per_triplet` is the denominator convention of `docs/BENCHMARKS.md` (issue 9):
+`model_flops_per_triplet` is the denominator convention of `docs/BENCHMARKS.md`:
 forward + activation gradients + trainable weight gradients, recompute not counted.
 `matmul_flops` counts what a differentiated, remat-transformed program executes, so the
 ratio of the two is the recompute a remat policy costs (`benchmarks/xla_analysis.py`).
