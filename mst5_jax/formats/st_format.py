@@ -35,11 +35,13 @@ import jax
 import numpy as np
 from flax import nnx
 
+from mst5_jax import __version__
 from mst5_jax.core import lora
 from mst5_jax.core.config import EncoderConfig
 from mst5_jax.core.model import Linear, SentenceModel
 from mst5_jax.formats import huggingface
 from mst5_jax.formats.safetensors import write_safetensors
+from mst5_jax.formats.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
 
@@ -161,8 +163,6 @@ def load(model_dir: str | os.PathLike, dtype: str = "float32", param_dtype: Opti
       The model (pooling, projection and normalisation as the modules say) and the
       tokenizer of the Transformer module's directory.
     """
-    from mst5_jax.formats.tokenizer import Tokenizer
-
     model_dir = pathlib.Path(model_dir)
     desc = read_modules(model_dir)
     tdir: pathlib.Path = desc["transformer_dir"]
@@ -275,16 +275,10 @@ def _write(encoder, out: pathlib.Path, max_seq_length: int, dtype: Optional[str]
                         "type": "sentence_transformers.models.Normalize"})
     _write_json(out / MODULES_JSON, modules)
     _write_json(out / "config_sentence_transformers.json",
-                {"__version__": {"mst5_jax": _version()}, "prompts": {}, "default_prompt_name": None,
+                {"__version__": {"mst5_jax": __version__}, "prompts": {}, "default_prompt_name": None,
                  "similarity_fn_name": "cosine"})
     return out
 
 
 def _write_json(path: pathlib.Path, obj: Any) -> None:
     path.write_text(json.dumps(obj, indent=2) + "\n", encoding="utf-8")
-
-
-def _version() -> str:
-    from mst5_jax import __version__
-
-    return __version__

@@ -35,7 +35,7 @@ from typing import Optional, Sequence
 
 import numpy as np
 
-from mst5_jax.utils import fs, paths
+from mst5_jax.utils import fs, paths, safety
 
 log = logging.getLogger(__name__)
 
@@ -132,8 +132,6 @@ class Tokenizer:
 
     @classmethod
     def _from_directory(cls, d: pathlib.Path) -> "Tokenizer":
-        from mst5_jax.utils import safety
-
         for name in (_TOKENIZER_JSON, _SPIECE, *_SIDE_FILES):
             if (d / name).is_file():
                 safety.resolve_inside(d / name, d)

@@ -34,7 +34,8 @@ from flax import nnx
 from mst5_jax.core import lora
 from mst5_jax.core.config import ConfigError, EncoderConfig
 from mst5_jax.core.model import SentenceModel
-from mst5_jax.formats import huggingface, peft
+from mst5_jax.formats import huggingface, peft, run_dir, st_format
+from mst5_jax.formats.tokenizer import Tokenizer
 from mst5_jax.utils import fs, safety
 
 log = logging.getLogger(__name__)
@@ -157,20 +158,14 @@ class SentenceEncoder:
           step: for a training run, "latest", "best" or a step number.
           devices: devices to encode on (data parallel); default the first local device.
         """
-        from mst5_jax.formats.tokenizer import Tokenizer
-
         param_dtype = param_dtype or dtype
         p = fs.as_path(path)
         if p.is_dir() and (p / "checkpoints").is_dir():
-            from mst5_jax.formats import run_dir
-
             model, tok = run_dir.load_run_model(p, step=step, dtype=dtype, param_dtype=param_dtype)
             return cls(model, tok, source=str(p), devices=devices)
         model_dir = huggingface.resolve_model_dir(path)
         safety.check_tree(model_dir)  # symlinks only inside model_dir or its hub cache repo
         if (model_dir / "modules.json").is_file():
-            from mst5_jax.formats import st_format
-
             model, tok = st_format.load(model_dir, dtype=dtype, param_dtype=param_dtype, **config_overrides)
         else:
             cfg_path = model_dir / "config.json"
@@ -388,8 +383,6 @@ class SentenceEncoder:
             return fs.as_path(out_dir)
         out = pathlib.Path(out_dir)
         if format == "sentence-transformers":
-            from mst5_jax.formats import st_format
-
             return st_format.save(self, out, merge_lora=merge_lora)
         if format != "hf":
             raise ValueError(f"format={format!r}: expected 'hf' or 'sentence-transformers'")
