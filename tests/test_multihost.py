@@ -113,6 +113,13 @@ def _assert_losses_match(run, reference, steps):
         assert a[s] == pytest.approx(b[s], rel=1e-4), (s, a[s], b[s])
 
 
+def _assert_every_process_wrote_its_shards(step_dir, n):
+    """Orbax's OCDBT layout: each process writes its arrays under ocdbt.process_<i>/."""
+    for item in ("params", "opt_state"):
+        found = sorted(p.name for p in (step_dir / item).glob("ocdbt.process_*"))
+        assert found == [f"ocdbt.process_{i}" for i in range(n)], (step_dir / item, found)
+
+
 @pytest.fixture(scope="module")
 def reference(launch, tmp_path_factory):
     """ONE process with TOTAL_DEVICES devices, straight to step 4."""
@@ -138,6 +145,7 @@ def test_two_processes_equal_one_and_only_process_0_writes(reference, two_proces
         assert (two_processes / name).exists(), name
     assert json.loads((two_processes / "summary.json").read_text())["final_step"] == 2
     assert (two_processes / "checkpoints" / "2" / "manifest.json").is_file()
+    _assert_every_process_wrote_its_shards(two_processes / "checkpoints" / "2", 2)
     logs = [two_processes.parent / f"run.n2.proc{i}.log" for i in (0, 1)]
     assert "process 0 of 2" in logs[0].read_text() and "process 1 of 2" in logs[1].read_text()
 
@@ -149,6 +157,7 @@ def test_two_process_run_resumes_as_four_processes(launch, reference, two_proces
     _assert_losses_match(d, reference, (1, 2, 3, 4))
     recs = [r for r in _records(d) if r["step"] > 2]
     assert {r["num_devices"] for r in recs} == {TOTAL_DEVICES}
+    _assert_every_process_wrote_its_shards(d / "checkpoints" / "4", 4)
 
 
 @pytest.mark.parametrize("victim", [1, 0])
