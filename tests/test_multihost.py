@@ -193,3 +193,29 @@ def test_killing_one_process_makes_the_other_exit_within_a_bound(launch, tmp_pat
             if p.poll() is None:
                 p.kill()
                 p.wait()
+
+
+@pytest.mark.parametrize("flags, expected", [
+    (["--process_count=2", "--process_index=2", "--coordinator_address=localhost:1"],
+     "--process_index=2: expected 0..1"),
+    (["--coordinator_address", "localhost", "--process_count=2", "--process_index=0"],
+     "--coordinator_address='localhost': expected HOST:PORT"),
+    (["--multiprocess"], "jax.distributed.initialize failed (cluster auto-detection)"),
+])
+def test_bad_multihost_flags_are_one_line_errors(flags, expected, tmp_path):
+    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=1")
+    for k in [k for k in env if k.startswith(("SLURM_", "OMPI_", "TPU_"))]:
+        env.pop(k)  # no cluster for auto-detection to find
+    out = subprocess.run([sys.executable, "-m", "mst5_jax.train", *TINY, f"--gin.MODEL_DIR='{tmp_path}'", *flags],
+                         capture_output=True, text=True, env=env, cwd=REPO, timeout=120)
+    assert out.returncode == 2, out.stderr[-2000:]
+    assert expected in out.stderr and "Traceback" not in out.stderr, out.stderr[-2000:]
+    assert not (tmp_path / "metrics.jsonl").exists()
+
+
+def test_help_documents_the_multihost_flags():
+    out = subprocess.run([sys.executable, "-m", "mst5_jax.train", "--help"], capture_output=True, text=True,
+                         cwd=REPO, timeout=120)
+    for flag in ("--multiprocess", "--coordinator_address", "--process_count", "--process_index",
+                 "--initialization_timeout_s", "--heartbeat_timeout_s"):
+        assert flag in out.stdout, flag
