@@ -4,7 +4,9 @@ Parses flags and gin (`mst5_jax.training.gin_utils`), writes MODEL_DIR/operative
 and runs `mst5_jax.training.trainer.Trainer`. `--dry_run` builds the config on an
 AbstractMesh of the hardware file's device count and prints the per-device memory
 (`mst5_jax.training.config_check`) instead. A test-only fault (``MST5_FAULT``,
-`mst5_jax.training.faults`) is read here once, at start-up.
+`mst5_jax.training.faults`) is read here once, at start-up. `--multiprocess` (or
+`--coordinator_address/--process_count/--process_index`) starts `jax.distributed` first
+(`mst5_jax.training.multiprocess`); only process 0 then writes the run files.
 """
 from __future__ import annotations
 
@@ -18,15 +20,19 @@ from typing import Optional, Sequence
 
 import jax
 
-from mst5_jax.training import config_check
+from mst5_jax.training import config_check, multiprocess
 from mst5_jax.training.faults import FaultHook
 from mst5_jax.training.gin_utils import config_str, configure_tasks, parse_gin
+from mst5_jax.utils.cli import EXIT_USER_ERROR, UserError
 
 __all__ = ["main", "parse_gin"]
 
 EXAMPLE = """example:
   python -m mst5_jax.train --gin_file=demo_cpu.gin
   python -m mst5_jax.train --gin_file xxl_lora.gin --gin.MODEL_DIR="'/runs/xxl'" --gin.TRAIN_STEPS=100 --dry_run
+  python -m mst5_jax.train --gin_file=xxl_lora_tpu_pod.gin --multiprocess      # on every worker of a pod
+  python -m mst5_jax.train --gin_file=demo_cpu.gin --coordinator_address=localhost:8476 \\
+      --process_count=2 --process_index=0                                    # and --process_index=1
 
 VALUE is a gin literal: strings are quoted, numbers are not. Gin files are found by bare
 name anywhere under the repository's gin/ tree."""
@@ -48,6 +54,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--profile_steps", default=None, metavar="A:B",
                    help="write a jax.profiler trace of steps A..B to MODEL_DIR/profile")
     p.add_argument("--compilation_cache_dir", default=None, help="a persistent JAX compilation cache folder")
+    multiprocess.add_flags(p)
     return p
 
 
@@ -66,6 +73,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", force=True)
     for noisy in ("absl", "jax._src.xla_bridge", "orbax"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    distributed = None
+    if not args.dry_run:  # before anything touches a device; a dry run uses an AbstractMesh only
+        try:
+            distributed = multiprocess.initialize(args)
+        except UserError as e:
+            print(f"python -m mst5_jax.train: error: {e}", file=sys.stderr)
+            return EXIT_USER_ERROR
     # Training reads data through the TF-free numpy path; skip seqio's TensorFlow import.
     os.environ.setdefault("MST5_NO_SEQIO", "1")
     cfg = parse_gin(args.gin_file, bindings)
@@ -83,7 +97,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     pathlib.Path(cfg.model_dir).mkdir(parents=True, exist_ok=True)
     if jax.process_index() == 0:
         (pathlib.Path(cfg.model_dir) / "operative_config.gin").write_text(operative)
-    Trainer(cfg, hooks=[fault] if fault else []).run()
+    with multiprocess.exit_on_peer_failure(distributed):
+        Trainer(cfg, hooks=[fault] if fault else []).run()
     return 0
 
 

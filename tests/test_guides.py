@@ -9,16 +9,23 @@ and gin let later flags win). Hub ids resolve offline to tiny random stand-ins i
 Face cache (`HF_HOME`), as if downloaded. In ```bash blocks a `# needs: GPU|TPU|network` comment
 marks the next command; a marked `python -m mst5_jax.train|study` command also runs unchanged with
 `--dry_run` (its gin config builds on an AbstractMesh). Non-python shell commands must be marked;
-they are checked for shell syntax only. A block whose first line is `# file: NAME` is written to NAME.
+they are checked for shell syntax only, except a remote launch (`gcloud ... --command="cd DIR &&
+python -m mst5_jax.train ... --multiprocess"`): its inner training command is dry-run as written,
+then run with the quick-check flags as a one-process multi-host run on localhost
+(`--coordinator_address=localhost:PORT --process_count=1 --process_index=0`, which the CLI reads
+as it would a pod's auto-detected cluster). A block whose first line is `# file: NAME` is written
+to NAME.
 """
 import os
 import pathlib
 import re
 import shlex
 import shutil
+import socket
 import subprocess
 import sys
 import time
+from typing import Optional
 
 import pytest
 
@@ -76,6 +83,22 @@ def split_command(cmd: str) -> tuple[dict, str, list[str]]:
     if words[:2] == ["python", "-m"] and words[2].startswith("mst5_jax."):
         return prefix, words[2][len("mst5_jax."):], words[3:]
     return prefix, "", words
+
+
+def remote_command(cmd: str) -> Optional[str]:
+    """The `python -m mst5_jax.X ...` part of a remote launch's `--command="cd DIR && ..."`, or None."""
+    for word in shlex.split(cmd):
+        if word.startswith("--command="):
+            for part in word[len("--command="):].split("&&"):
+                if split_command(part.strip())[1]:
+                    return part.strip()
+    return None
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("localhost", 0))
+        return s.getsockname()[1]
 
 
 def _rewrite_gs(text: str) -> str:
@@ -176,6 +199,18 @@ def test_guide_commands_run_as_written(guide, tmp_path, data_dir, hub_cache):
                 assert step["needs"], step["cmd"]
                 syntax = subprocess.run(["bash", "-n", "-c", step["cmd"]], capture_output=True, text=True)
                 assert syntax.returncode == 0, f"{guide}: shell syntax of {step['cmd']!r}: {syntax.stderr}"
+                inner = remote_command(_rewrite_gs(step["cmd"]))
+                if inner is None:
+                    continue
+                prefix, module, args = split_command(inner)
+                assert module == "train" and "--multiprocess" in args, f"{guide}: remote launch {inner!r}"
+                run([sys.executable, "-m", "mst5_jax.train", *args, "--dry_run"], prefix,
+                    f"dry run of a remote launch that needs {step['needs']}")
+                dry.append(inner)
+                local = [f"--coordinator_address=localhost:{_free_port()}", "--process_count=1", "--process_index=0"]
+                run([sys.executable, "-m", "mst5_jax.train", *args, *quick.get(module, []), *local], prefix,
+                    "remote launch as written + quick check, as 1 process on localhost")
+                ran.append(inner)
                 continue
             if step["needs"] and module in ("train", "study"):
                 p = run([sys.executable, "-m", f"mst5_jax.{module}", *args, "--dry_run"], prefix,
