@@ -108,6 +108,13 @@ def check_resume(old: dict, new: dict, allowed: Sequence[str], *, run_file: path
         k = kind(field, mode)
         if k == "free" or n is _MISSING:
             continue
+        if field == "base.fingerprint" and k == "structural":
+            if isinstance(o, str) and ":" not in o:
+                continue  # a header-only record (older run.json): the trainer checks it by that rule
+            old_path, new_path = (old.get("base") or {}).get("path"), (new.get("base") or {}).get("path")
+            refused.append(f"base.fingerprint: the base weights in {new_path} are not the ones this LoRA run "
+                           f"was trained on (from {old_path}; their content hash differs)")
+            continue
         if o is _MISSING:
             log.warning("%s does not record %s: resuming with %s = %s unchecked", run_file, field, field, _show(n))
             accepted.append({"field": field, "old": None, "new": n, "note": "not recorded by the earlier run"})
