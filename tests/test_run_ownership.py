@@ -167,7 +167,7 @@ def test_old_run_json_without_the_recipe_resumes_with_a_warning(tmp_path, caplog
 
 # ------------------------------------------------------------------------- base fingerprint
 def _flip_tensor_bytes(path: pathlib.Path) -> str:
-    """Reverses the bytes of the largest tensor in a safetensors file, in place: same header,
+    """Reverses the element order of the largest tensor in a safetensors file, in place: same header,
     shapes and size, other weights. Returns the tensor's name."""
     raw = bytearray(path.read_bytes())
     n = struct.unpack("<Q", raw[:8])[0]
@@ -175,7 +175,8 @@ def _flip_tensor_bytes(path: pathlib.Path) -> str:
     name = max((k for k in header if k != "__metadata__"),
                key=lambda k: header[k]["data_offsets"][1] - header[k]["data_offsets"][0])
     a, b = (8 + n + o for o in header[name]["data_offsets"])
-    raw[a:b] = raw[a:b][::-1]
+    itemsize = {"F32": 4, "F16": 2, "BF16": 2, "F64": 8}[header[name]["dtype"]]
+    raw[a:b] = np.frombuffer(bytes(raw[a:b]), np.uint8).reshape(-1, itemsize)[::-1].tobytes()  # element order
     path.write_bytes(bytes(raw))
     return name
 

@@ -72,7 +72,8 @@ def kind(field: str, mode: str) -> str:
 
 def diff(old: Any, new: Any, prefix: str = "") -> list[tuple[str, Any, Any]]:
     """(dotted field, old, new) for every leaf that differs; dicts on both sides recurse."""
-    if isinstance(old, dict) and isinstance(new, dict):
+    if isinstance(old, dict) and isinstance(new, dict) or (old is _MISSING and isinstance(new, dict)):
+        old = {k: _MISSING for k in new} if old is _MISSING else old  # an unrecorded group: each field unknown
         out = []
         for k in sorted(set(old) | set(new), key=str):
             out += diff(old.get(k, _MISSING), new.get(k, _MISSING), f"{prefix}.{k}" if prefix else str(k))
