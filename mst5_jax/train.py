@@ -1,7 +1,12 @@
 """`python -m mst5_jax.train --gin_file=xxl_lora.gin [--gin.MACRO=VALUE ...]`: the training CLI.
 
-Parses flags and gin (`mst5_jax.training.gin_utils`), writes MODEL_DIR/operative_config.gin
-and runs `mst5_jax.training.trainer.Trainer`. `--dry_run` builds the config on an
+Parses flags and gin (`mst5_jax.training.gin_utils`), builds
+`mst5_jax.training.trainer.Trainer` (which locks MODEL_DIR and checks a resume against
+run.json), keeps this attempt's operative config (operative_config.gin, then
+operative_config.<n>.gin; `mst5_jax.training.resume_check.keep_operative_config`) and runs it.
+Exit codes: 0 done; 2 a user error (a bad flag or config, a MODEL_DIR held by another
+trainer, a resume that changes the run), printed in one line; `EXIT_PREEMPTED` (75) saved
+after SIGTERM or SIGINT, rerun to resume. `--dry_run` builds the config on an
 AbstractMesh of the hardware file's device count and prints the per-device memory
 (`mst5_jax.training.config_check`) instead. A test-only fault (``MST5_FAULT``,
 `mst5_jax.training.faults`) is read here once, at start-up. `--multiprocess` (or
@@ -14,16 +19,13 @@ import argparse
 import json
 import logging
 import os
-import pathlib
 import sys
 from typing import Optional, Sequence
 
-import jax
-
-from mst5_jax.training import config_check, multiprocess
+from mst5_jax.training import config_check, multiprocess, resume_check
 from mst5_jax.training.faults import FaultHook
 from mst5_jax.training.gin_utils import config_str, configure_tasks, parse_gin
-from mst5_jax.utils.cli import EXIT_USER_ERROR, UserError
+from mst5_jax.utils import cli
 
 __all__ = ["main", "parse_gin"]
 
@@ -55,6 +57,7 @@ def parser() -> argparse.ArgumentParser:
                    help="write a jax.profiler trace of steps A..B to MODEL_DIR/profile")
     p.add_argument("--compilation_cache_dir", default=None, help="a persistent JAX compilation cache folder")
     multiprocess.add_flags(p)
+    p.add_argument("--debug", action="store_true", help="show the full traceback on errors")
     return p
 
 
@@ -77,9 +80,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if not args.dry_run:  # before anything touches a device; a dry run uses an AbstractMesh only
         try:
             distributed = multiprocess.initialize(args)
-        except UserError as e:
+        except cli.UserError as e:
             print(f"python -m mst5_jax.train: error: {e}", file=sys.stderr)
-            return EXIT_USER_ERROR
+            return cli.EXIT_USER_ERROR
     # Training reads data through the TF-free numpy path; skip seqio's TensorFlow import.
     os.environ.setdefault("MST5_NO_SEQIO", "1")
     cfg = parse_gin(args.gin_file, bindings)
@@ -94,12 +97,20 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     from mst5_jax.training.trainer import Trainer  # imports `tasks`: after MST5_NO_SEQIO is set
 
     fault = FaultHook.from_env()
-    pathlib.Path(cfg.model_dir).mkdir(parents=True, exist_ok=True)
-    if jax.process_index() == 0:
-        (pathlib.Path(cfg.model_dir) / "operative_config.gin").write_text(operative)
-    with multiprocess.exit_on_peer_failure(distributed):
-        Trainer(cfg, hooks=[fault] if fault else []).run()
-    return 0
+
+    def train() -> int:
+        trainer = Trainer(cfg, hooks=[fault] if fault else [])  # locks MODEL_DIR, checks a resume
+        try:
+            if trainer.primary:
+                resume_check.keep_operative_config(trainer.model_dir, operative)
+        except BaseException:
+            trainer.release_lock()
+            raise
+        with multiprocess.exit_on_peer_failure(distributed):
+            summary = trainer.run()
+        return cli.EXIT_PREEMPTED if summary.get("preempted") else 0
+
+    return cli.run(train, prog="python -m mst5_jax.train", debug=args.debug)
 
 
 if __name__ == "__main__":

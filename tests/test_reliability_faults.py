@@ -10,6 +10,7 @@ The CLI turns ``MST5_FAULT`` into a `mst5_jax.training.faults.FaultHook` once, a
 the training loop only calls hooks (see docs/RELIABILITY.md).
 """
 import hashlib
+import json
 import os
 import pathlib
 import shutil
@@ -136,15 +137,22 @@ def test_sigkill_between_commit_and_manifest_falls_back_to_verified_step(cli, st
 
 
 # ------------------------------------------------------------------------- SIGTERM
-def test_sigterm_saves_exits_0_and_restart_continues(cli, straight, tmp_path):
-    # A real SIGTERM, sent by the process to itself after step 2 (deterministic timing): the
-    # loop notices it at step 3, saves step 3 (off the every-2 schedule) and exits 0.
-    out = cli(tmp_path, steps=6, fault="sigterm_after_step@2")
-    assert out.returncode == 0, out.stderr[-3000:]
-    assert "SIGTERM received" in out.stderr
+@pytest.mark.parametrize("signame", ["SIGTERM", "SIGINT"])
+def test_stop_signal_saves_exits_preempted_and_restart_continues(cli, straight, tmp_path, signame):
+    # A real SIGTERM or SIGINT, sent by the process to itself after step 2 (deterministic
+    # timing): the loop notices it at step 3, saves step 3 (off the every-2 schedule) and
+    # exits with EXIT_PREEMPTED (75), so a scheduler sees an unfinished run.
+    from mst5_jax.utils.cli import EXIT_PREEMPTED
+
+    out = cli(tmp_path, steps=6, fault=f"{signame.lower()}_after_step@2")
+    assert out.returncode == EXIT_PREEMPTED == 75, out.stderr[-3000:]
+    assert f"{signame} received" in out.stderr
     assert _steps(tmp_path) == [2, 3]
+    assert not (tmp_path / ".lock").exists()  # released on the way out
     out = _ok(cli(tmp_path))
     assert "at step 3" in out.stderr
+    steps = [json.loads(l)["step"] for l in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [1, 2, 3, 4]
     _assert_same_params(tmp_path, straight)
 
 

@@ -11,8 +11,8 @@ A run directory looks like:
       checkpoints/<step>/ orbax items: params (trainable only), opt_state, meta (JSON)
 
 With LoRA only the LoRA factors are checkpointed; the frozen base is referenced by path
-plus a cheap fingerprint (config, shard index or safetensors header, file sizes), which is
-checked on restore. Orbax writes each step to a temporary directory and renames it when
+plus a fingerprint (config, shard index and the sha256 of every weight file's bytes, cached
+by file identity), which is checked on resume and on load. Orbax writes each step to a temporary directory and renames it when
 complete, so a crash mid-write never leaves a step that looks finished.
 """
 from __future__ import annotations
@@ -30,14 +30,82 @@ import numpy as np
 import orbax.checkpoint as ocp
 from flax import nnx
 
+from mst5_jax.utils import paths
+from mst5_jax.utils.files import sha256_file, write_json_atomic
+
 log = logging.getLogger(__name__)
 
 RUN_FILE = "run.json"
 
 
 # ---------------------------------------------------------------------- base fingerprint
-def fingerprint(model_dir: str | os.PathLike) -> str:
-    """A cheap identity for an HF weights directory: config, index/header bytes, file sizes."""
+FINGERPRINT_VERSION = "content-sha256/1"
+"""Prefix of `fingerprint` values. run.json files written before the content hash hold a
+bare hex digest (`header_fingerprint`); they are still checked, by that weaker rule."""
+
+FINGERPRINT_CACHE = "weight_hashes.json"
+
+
+def _is_weight_file(f: pathlib.Path) -> bool:
+    return f.suffix in (".safetensors", ".bin")
+
+
+def _fingerprinted(d: pathlib.Path) -> list[pathlib.Path]:
+    return [f for f in sorted(d.iterdir()) if f.is_file() and (
+        _is_weight_file(f) or f.name.endswith(".index.json") or f.name == "config.json")]
+
+
+def content_sha256(path: pathlib.Path, cache_dir: Optional[str | os.PathLike] = None) -> str:
+    """sha256 of a weight file's bytes, cached by file identity.
+
+    The cache (``<cache_dir>/weight_hashes.json``, default `mst5_jax.utils.paths.CACHE_DIR`)
+    maps an absolute path to {size, mtime_ns, inode, sha256}; a file whose size, mtime or
+    inode changed is hashed again. Hashing streams the file (about 1 s per GB on one core);
+    a resume of a run on an unchanged base then costs a stat per file.
+    """
+    cache_file = pathlib.Path(cache_dir if cache_dir is not None else paths.CACHE_DIR) / FINGERPRINT_CACHE
+    st = path.stat()
+    ident = {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "inode": st.st_ino}
+    key = str(path.absolute())
+    try:
+        cache = json.loads(cache_file.read_text())
+    except (OSError, ValueError):
+        cache = {}
+    hit = cache.get(key) if isinstance(cache, dict) else None
+    if isinstance(hit, dict) and all(hit.get(k) == v for k, v in ident.items()) and "sha256" in hit:
+        return hit["sha256"]
+    digest = sha256_file(path)
+    if path.stat().st_mtime_ns != st.st_mtime_ns:  # written while we read: do not cache
+        return digest
+    cache = cache if isinstance(cache, dict) else {}
+    cache[key] = {**ident, "sha256": digest}
+    try:
+        cache_file.parent.mkdir(parents=True, exist_ok=True)
+        write_json_atomic(cache_file, cache)
+    except OSError as e:  # a read-only cache only costs speed
+        log.debug("weight hash cache %s not written: %s", cache_file, e)
+    return digest
+
+
+def fingerprint(model_dir: str | os.PathLike, cache_dir: Optional[str | os.PathLike] = None) -> str:
+    """The identity of an HF weights directory: `FINGERPRINT_VERSION` + ":" + the sha256 of
+    config.json, the shard index and the full bytes of every weight file (by name).
+
+    Weight-file hashes are cached by file identity (`content_sha256`), so only the first
+    call on a base reads its weights.
+    """
+    d = pathlib.Path(model_dir)
+    h = hashlib.sha256()
+    for f in _fingerprinted(d):
+        h.update(f.name.encode() + b"\0")
+        h.update((content_sha256(f, cache_dir) if _is_weight_file(f) else hashlib.sha256(f.read_bytes()).hexdigest())
+                 .encode())
+    return f"{FINGERPRINT_VERSION}:{h.hexdigest()}"
+
+
+def header_fingerprint(model_dir: str | os.PathLike) -> str:
+    """The pre-content fingerprint (config, index/header bytes, file sizes): it misses a
+    same-shape weight swap. Kept only to check run.json files that recorded it."""
     d = pathlib.Path(model_dir)
     h = hashlib.sha256()
     for f in sorted(d.iterdir()):
@@ -51,6 +119,30 @@ def fingerprint(model_dir: str | os.PathLike) -> str:
                     n = int.from_bytes(fh.read(8), "little")
                     h.update(fh.read(min(n, 1 << 24)))
     return h.hexdigest()
+
+
+class BaseChangedError(ValueError):
+    """A LoRA run's frozen base weights are not the ones the run was trained on."""
+
+
+def check_base(base_dir: str | os.PathLike, recorded: Optional[str], run_file: str | os.PathLike) -> None:
+    """Refuses a base directory whose fingerprint differs from the one `run_file` recorded.
+
+    Raises:
+      BaseChangedError naming the base directory and the run file.
+    """
+    if not recorded:
+        return
+    legacy = not recorded.startswith(FINGERPRINT_VERSION + ":")
+    now = header_fingerprint(base_dir) if legacy else fingerprint(base_dir)
+    if legacy:
+        log.warning("%s records a header-only base fingerprint: a same-shape weight change in %s is not "
+                    "detectable for this run", run_file, base_dir)
+    if now != recorded:
+        raise BaseChangedError(
+            f"{base_dir}: the base weights changed since the run started (their fingerprint differs from the "
+            f"one in {run_file}). A LoRA run needs the exact base it was trained on: restore those weights, "
+            "or train the new base into a new MODEL_DIR.")
 
 
 # ---------------------------------------------------------------------- run metadata
@@ -182,9 +274,7 @@ def load_run_model(model_dir: str | os.PathLike, step: str | int = "latest", dty
             base = info["base"]
             base_dir = model_dir / base["path"] if base.get("random_init") else pathlib.Path(base["path"])
             base_dir = huggingface.resolve_model_dir(base_dir)
-            if base.get("fingerprint") and fingerprint(base_dir) != base["fingerprint"]:
-                raise ValueError(f"{base_dir}: the base weights changed since the run started "
-                                 f"(fingerprint mismatch with {model_dir / RUN_FILE})")
+            check_base(base_dir, base.get("fingerprint"), model_dir / RUN_FILE)
             model = huggingface.load_hf_weights(base_dir, cfg)
             from mst5_jax.core import lora
 

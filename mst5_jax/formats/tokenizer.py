@@ -24,6 +24,7 @@ setting) runs under a lock.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -147,6 +148,15 @@ class Tokenizer:
     def backend(self) -> str:
         """``"tokenizers"`` (tokenizer.json) or ``"sentencepiece"`` (spiece.model + EOS)."""
         return "tokenizers" if self._hf is not None else "sentencepiece"
+
+    def fingerprint(self) -> str:
+        """sha256 (hex) of what decides the ids: tokenizer.json's bytes, or the SentencePiece
+        model's. Equal for the same vocabulary wherever its files lie (a run records it)."""
+        if self._hf is not None and _TOKENIZER_JSON in self._files:
+            return hashlib.sha256(self._files[_TOKENIZER_JSON].read_bytes()).hexdigest()
+        if self._sp_proto is not None:
+            return hashlib.sha256(self._sp_proto).hexdigest()
+        return hashlib.sha256(self._hf.to_str().encode()).hexdigest()
 
     @property
     def vocab_size(self) -> int:

@@ -13,7 +13,8 @@ with ``MST5_FAULT`` set: `python -m mst5_jax.train` reads that variable once, at
                                         # data was written, before the commit (a failing writer)
     MST5_FAULT=after_step@3             # SIGKILL right after optimizer step 3 completes
     MST5_FAULT=sigterm_after_step@2     # a real SIGTERM to itself after step 2 (deterministic
-                                        # preemption: the run saves at its next step, exits 0)
+                                        # preemption: the run saves at its next step, exits 75)
+    MST5_FAULT=sigint_after_step@2      # the same with SIGINT (Ctrl-C)
     MST5_FAULT=poison_before_step@4     # every trainable weight becomes NaN before update 4
                                         # (the non-finite-loss check)
 
@@ -40,9 +41,9 @@ log = logging.getLogger(__name__)
 ENV_VAR = "MST5_FAULT"
 KILL_POINTS = ("after_step", "ckpt_before_finalize", "ckpt_before_manifest")
 ERROR_POINTS = ("ckpt_disk_full",)
-SIGTERM_POINTS = ("sigterm_after_step",)
+SIGNAL_POINTS = {"sigterm_after_step": signal.SIGTERM, "sigint_after_step": signal.SIGINT}
 STATE_POINTS = ("poison_before_step",)
-POINTS = KILL_POINTS + ERROR_POINTS + SIGTERM_POINTS + STATE_POINTS
+POINTS = KILL_POINTS + ERROR_POINTS + tuple(SIGNAL_POINTS) + STATE_POINTS
 _ORBAX_POINTS = ("ckpt_disk_full", "ckpt_before_finalize")
 
 _active: Optional["FaultHook"] = None  # the hook orbax's wrapped commit reports to
@@ -83,12 +84,13 @@ class FaultHook(Hook):
         return point in self.table and self.table[point] in (None, step)
 
     def fire(self, point: str, step: Optional[int]) -> None:
-        """SIGKILL, SIGTERM or OSError(ENOSPC), if `point` is due at `step`."""
+        """SIGKILL, SIGTERM, SIGINT or OSError(ENOSPC), if `point` is due at `step`."""
         if not self.wants(point, step):
             return
-        if point in SIGTERM_POINTS:
-            log.warning("%s: SIGTERM to self at %s (step %s)", ENV_VAR, point, step)
-            os.kill(os.getpid(), signal.SIGTERM)
+        if point in SIGNAL_POINTS:
+            sig = SIGNAL_POINTS[point]
+            log.warning("%s: %s to self at %s (step %s)", ENV_VAR, sig.name, point, step)
+            os.kill(os.getpid(), sig)
         elif point in ERROR_POINTS:
             raise OSError(errno.ENOSPC, f"No space left on device (injected by {ENV_VAR}={point}@{step})")
         elif point in KILL_POINTS:
@@ -137,7 +139,8 @@ class FaultHook(Hook):
 
     def after_step(self, trainer) -> None:
         self.fire("after_step", trainer.step)
-        self.fire("sigterm_after_step", trainer.step)
+        for point in SIGNAL_POINTS:
+            self.fire(point, trainer.step)
 
     def on_end(self, trainer) -> None:
         global _active

@@ -128,7 +128,9 @@ class MetricsHook(Hook):
             self.writer.write(record)
 
     def on_start(self, trainer) -> None:
-        if trainer.start_step and self.primary:
+        # Also from step 0 (killed before the first checkpoint, or every step quarantined):
+        # the steps after the resumed one are recomputed, so their old records go.
+        if self.primary:
             truncate_metrics(self.path, trainer.start_step)
         self._t, self._step = time.perf_counter(), trainer.start_step
         self._bar = _progress_bar(trainer.cfg.train_steps, trainer.start_step)
@@ -353,7 +355,9 @@ class PreemptionHook(Hook):
     """SIGTERM (a scheduler's preemption) or SIGINT (Ctrl-C) -> `trainer.stop_requested`.
 
     The trainer reads the flag once after each update: that step is checkpointed, then the
-    loop ends (exit code 0; `summary["preempted"]`). Handlers are restored at the end.
+    loop ends with `summary["preempted"]`, and the CLI exits with
+    `mst5_jax.utils.cli.EXIT_PREEMPTED` (75), so a scheduler sees an unfinished run and can
+    requeue it. Handlers are restored at the end.
     """
 
     SIGNALS = (signal.SIGTERM, signal.SIGINT)

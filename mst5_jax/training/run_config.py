@@ -31,6 +31,8 @@ class TrainConfig:
     Hardware: `mesh`, `partition_preset`, and, for `--dry_run`'s checks only,
     `num_devices`, `device_memory_gib` and `peak_tflops` (per device, for MFU).
     Intervals are in optimizer steps; `schedule_steps` defaults to `train_steps`.
+    `allow_recipe_changes` (macro ALLOW_RECIPE_CHANGES) names the recipe fields a resume may
+    change (`mst5_jax.training.resume_check`).
     """
 
     model_dir: str = ""
@@ -45,6 +47,7 @@ class TrainConfig:
     train_steps: int = 100
     schedule_steps: Optional[int] = None
     seed: int = 0
+    allow_recipe_changes: Sequence[str] = ()
     lora: Any = None
     optimizer: OptimizerConfig = dataclasses.field(default_factory=OptimizerConfig)
     loss: LossConfig = dataclasses.field(default_factory=LossConfig)

@@ -39,7 +39,9 @@ from mst5_jax.training.hooks import (
     ProfileHook,
     registered_evaluator,
 )
+from mst5_jax.training import resume_check
 from mst5_jax.training.optimizer import make_optimizer
+from mst5_jax.training.run_lock import RunLock
 from mst5_jax.training.run_config import TrainConfig, encoder_config
 from mst5_jax.utils import paths
 from tasks.pipeline import TripletIterator
@@ -76,12 +78,18 @@ class Trainer:
         self.data_dir = paths.resolve_data_dir(cfg.data_dir)
         self.stop_requested = False
         self.eval_metrics: Optional[dict] = None
-        self._build_mesh()
-        self._build_data()
-        self._build_model_and_state()
-        self.checkpoints = CheckpointHook(self.model_dir, cfg.checkpoint_every, keep=cfg.keep_checkpoints,
-                                          best_metric=cfg.best_metric_name if cfg.eval_every else None)
-        self.start_step = self._resume()
+        # The run directory has one owner: nothing in it is read or written before the lock.
+        self.lock = RunLock.acquire(self.model_dir) if self.primary else None
+        try:
+            self._build_mesh()
+            self._build_data()
+            self._build_model_and_state()
+            self.checkpoints = CheckpointHook(self.model_dir, cfg.checkpoint_every, keep=cfg.keep_checkpoints,
+                                              best_metric=cfg.best_metric_name if cfg.eval_every else None)
+            self.start_step = self._resume()
+        except BaseException:
+            self.release_lock()
+            raise
         self.summary: dict[str, Any] = {"model_dir": str(self.model_dir), "start_step": self.start_step}
         self.metrics_hook = MetricsHook(self.model_dir / "metrics.jsonl", cfg.tensorboard, self.primary)
         self.hooks: list[Hook] = [PreemptionHook()]
@@ -139,7 +147,8 @@ class Trainer:
             self.base_info = {"path": str(base_dir), "fingerprint": run_dir.fingerprint(base_dir)}
         else:
             model = init_model(enc, seed=cfg.seed)
-            self.base_info = {"path": "base", "random_init": True}
+            # A LoRA resume rebuilds this frozen base from the seed: the seed is part of it.
+            self.base_info = {"path": "base", "random_init": True, "seed": cfg.seed}
         if cfg.mode == "lora":
             lora.apply_lora(model, cfg.lora, cfg.seed)
             print(lora.dry_run(model, cfg.lora), flush=True)
@@ -158,11 +167,38 @@ class Trainer:
         """The jitted held-out step `(params, frozen, batch) -> metrics` of this run."""
         return train_step.make_eval_step(self.graphdef, self.cfg.loss, self.mesh, self.shardings)
 
+    def run_info(self) -> dict:
+        """This run's record (run.json): what loading needs, plus the recipe a resume is
+        checked against (`mst5_jax.training.resume_check`)."""
+        cfg = self.cfg
+        return {
+            "encoder_config": dataclasses.asdict(self.encoder_config), "mode": cfg.mode,
+            "lora": None if cfg.lora is None else dataclasses.asdict(cfg.lora),
+            "base": self.base_info, "task": cfg.mixture_or_task_name, "vocab": self.vocab,
+            "vocab_sha256": self.tokenizer.fingerprint(),
+            "best_metric": cfg.best_metric_name if cfg.eval_every else None, "best_mode": "max",
+            "optimizer": dataclasses.asdict(cfg.optimizer), "loss": dataclasses.asdict(cfg.loss),
+            "batch_size": cfg.batch_size, "schedule_steps": cfg.horizon, "seed": cfg.seed,
+            "max_length": cfg.max_length, "train_steps": cfg.train_steps}
+
+    def _check_resume(self, start: int) -> list[dict]:
+        """Refuses (UserError, nothing written) a resume that changes the run's shapes or,
+        unless ALLOW_RECIPE_CHANGES names them, its recipe; returns the accepted changes."""
+        run_file = self.model_dir / run_dir.RUN_FILE
+        old = run_dir.read_run_info(self.model_dir)
+        new = self.run_info()
+        recorded = (old.get("base") or {}).get("fingerprint")
+        if self.cfg.mode == "lora" and self.cfg.pretrained and recorded and ":" not in recorded:
+            run_dir.check_base(self.base_info["path"], recorded, run_file)  # a header-only record
+        return resume_check.check_resume(old, new, self.cfg.allow_recipe_changes, run_file=run_file, step=start,
+                                         train_steps=self.cfg.train_steps)
+
     def _resume(self) -> int:
         """Restores the newest verified checkpoint (returns its step) or writes a fresh run's files (0)."""
         cfg, ckpt = self.cfg, self.checkpoints
         start = ckpt.latest_step() or 0
         if start:
+            changes = self._check_resume(start)
             state = self.state
             params, opt_state, meta = ckpt.restore(start, state.params.to_pure_dict(), jax.tree.leaves(state.opt_state))
             nnx.replace_by_pure_dict(state.params, params)
@@ -171,13 +207,17 @@ class Trainer:
                                        params=jax.device_put(state.params, self.shardings.state.params))
             self.data.set_state(host_data_state(meta["data"], len(self.data)))
             log.info("resumed %s at step %d", self.model_dir, start)
+            if self.primary:
+                resume_check.append_history(self.model_dir, changes)
+                run_dir.write_run_info(self.model_dir, self.run_info())  # the next resume compares with this one
         elif self.primary:
-            ckpt.write_run_files(self, {
-                "encoder_config": dataclasses.asdict(self.encoder_config), "mode": cfg.mode,
-                "lora": None if cfg.lora is None else dataclasses.asdict(cfg.lora),
-                "base": self.base_info, "task": cfg.mixture_or_task_name, "vocab": self.vocab,
-                "best_metric": cfg.best_metric_name if cfg.eval_every else None, "best_mode": "max"})
+            ckpt.write_run_files(self, self.run_info())
         return start
+
+    def release_lock(self) -> None:
+        """Gives up MODEL_DIR/.lock (idempotent; `run` calls it when it returns or raises)."""
+        if self.lock is not None:
+            self.lock.release()
 
     def current_model(self) -> nnx.Module:
         """The model with the current weights (full fine-tuning: cast to the model's param_dtype)."""
@@ -225,16 +265,20 @@ class Trainer:
         except BaseException:
             self.checkpoints.close()
             self._restore_signals()
+            self.release_lock()
             raise
         self.summary["final_step"] = self.step
         try:
-            for h in reversed(self.hooks):  # checkpoints close before the final evaluation
-                if not isinstance(h, PreemptionHook):
-                    h.on_end(self)
+            try:
+                for h in reversed(self.hooks):  # checkpoints close before the final evaluation
+                    if not isinstance(h, PreemptionHook):
+                        h.on_end(self)
+            finally:
+                self._restore_signals()
+            if self.primary:
+                (self.model_dir / "summary.json").write_text(json.dumps(self.summary, indent=2, default=str) + "\n")
         finally:
-            self._restore_signals()
-        if self.primary:
-            (self.model_dir / "summary.json").write_text(json.dumps(self.summary, indent=2, default=str) + "\n")
+            self.release_lock()
         return self.summary
 
 

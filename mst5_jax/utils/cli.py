@@ -28,6 +28,10 @@ from typing import Callable, Iterable, Optional, Sequence
 
 EXIT_USER_ERROR = 2
 EXIT_INTERRUPTED = 130  # 128 + SIGINT, the shell's convention
+EXIT_PREEMPTED = 75
+"""`python -m mst5_jax.train` after a SIGTERM or SIGINT: the step was saved, the run is not
+finished; rerun the same command to resume. EX_TEMPFAIL of sysexits.h ("try again later"),
+so a scheduler tells it from success (0), a user error (2) and a crash (1 or a signal)."""
 
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 NOISY_LOGGERS = ("absl", "orbax", "jax._src.xla_bridge", "jax._src.distributed", "tensorflow", "h5py",
