@@ -195,7 +195,7 @@ class Trainer:
 
     def _resume(self) -> int:
         """Restores the newest verified checkpoint (returns its step) or writes a fresh run's files (0)."""
-        cfg, ckpt = self.cfg, self.checkpoints
+        ckpt = self.checkpoints
         start = ckpt.latest_step() or 0
         if start:
             changes = self._check_resume(start)
