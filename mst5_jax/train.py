@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import os
 import pathlib
 import sys
@@ -21,28 +20,38 @@ import jax
 from mst5_jax.training import config_check
 from mst5_jax.training.faults import FaultHook
 from mst5_jax.training.gin_utils import config_str, configure_tasks, parse_gin
+from mst5_jax.utils import cli
 
 __all__ = ["main", "parse_gin"]
 
-EXAMPLE = """example:
-  python -m mst5_jax.train --gin_file=demo_cpu.gin
+PROG = "python -m mst5_jax.train"
+EXAMPLE = """python -m mst5_jax.train --gin_file=demo_cpu.gin
   python -m mst5_jax.train --gin_file xxl_lora.gin --gin.MODEL_DIR="'/runs/xxl'" --gin.TRAIN_STEPS=100 --dry_run
 
-VALUE is a gin literal: strings are quoted, numbers are not. Gin files are found by bare
-name anywhere under the repository's gin/ tree."""
+VALUE is a gin literal: strings are quoted (--gin.MODEL_DIR="'/tmp/run'"), numbers are not
+(--gin.BATCH_SIZE=64). Gin files are found by path or by bare name anywhere under the
+repository's gin/ tree: runs/ (demo_cpu.gin, base_full_finetune.gin, xxl_lora.gin, ...),
+models/ and hardware/."""
 
 
-class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
-    """Defaults after each flag, and the example epilog as written."""
+def _macro_help() -> str:
+    """The macros every run config defines (gin/runs/_common.gin), for --help."""
+    try:
+        from mst5_jax.training.gin_utils import common_macros
+
+        return ", ".join(common_macros())
+    except (ImportError, OSError):  # --help still works without gin-config or the gin tree
+        return "MODEL_DIR, TRAIN_STEPS, BATCH_SIZE, ... (gin/runs/_common.gin)"
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m mst5_jax.train", epilog=EXAMPLE, formatter_class=_HelpFormatter)
+    p = cli.parser(PROG, __doc__, example=EXAMPLE)
     p.add_argument("--gin_file", action="append", default=[], metavar="NAME.gin", required=True,
-                   help="a gin file, by path or by bare name under gin/ (repeatable, parsed in order)")
+                   help="a gin file, by path or by bare name under gin/ (repeatable, parsed in order); "
+                        "--gin_file X and --gin_file=X both work")
     p.add_argument("--gin.MACRO", dest="_gin_help", metavar="VALUE", default=None,
-                   help="--gin.MACRO=VALUE or --gin.Configurable.param=VALUE: a gin binding, "
-                        "applied after the files (repeatable)")
+                   help="--gin.MACRO=VALUE or --gin.Configurable.param=VALUE: a gin binding, applied after "
+                        f"the files (repeatable). MACRO is one of {_macro_help()}")
     p.add_argument("--dry_run", action="store_true",
                    help="parse the config, build it on an AbstractMesh and print per-device memory; train nothing")
     p.add_argument("--profile_steps", default=None, metavar="A:B",
@@ -60,12 +69,13 @@ def split_gin_bindings(argv: Sequence[str]) -> tuple[list[str], list[str]]:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    bindings, rest = split_gin_bindings(sys.argv[1:] if argv is None else argv)
+    bindings, rest = split_gin_bindings(cli.argv_list(argv))
     args = parser().parse_args(rest)
-    # force: an import may already have configured the root logger (at WARNING, bare format)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", force=True)
-    for noisy in ("absl", "jax._src.xla_bridge", "orbax"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
+    cli.setup_logging(args.verbose)
+    return cli.run(lambda: _train(args, bindings), PROG, debug=args.debug)
+
+
+def _train(args: argparse.Namespace, bindings: list[str]) -> int:
     # Training reads data through the TF-free numpy path; skip seqio's TensorFlow import.
     os.environ.setdefault("MST5_NO_SEQIO", "1")
     cfg = parse_gin(args.gin_file, bindings)
@@ -83,7 +93,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     pathlib.Path(cfg.model_dir).mkdir(parents=True, exist_ok=True)
     if jax.process_index() == 0:
         (pathlib.Path(cfg.model_dir) / "operative_config.gin").write_text(operative)
-    Trainer(cfg, hooks=[fault] if fault else []).run()
+    try:
+        Trainer(cfg, hooks=[fault] if fault else []).run()
+    except KeyError as e:  # the task registry's "unknown task or mixture 'x'; registered: [...]"
+        if "unknown task" in str(e):
+            raise cli.UserError(f"MIXTURE_OR_TASK_NAME: {e.args[0]}") from e
+        raise
     return 0
 
 

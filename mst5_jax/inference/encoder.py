@@ -172,6 +172,11 @@ class SentenceEncoder:
         else:
             cfg_path = model_dir / "config.json"
             if not cfg_path.is_file():
+                run = next((d for d in model_dir.absolute().parents[:3] if (d / "run.json").is_file()), None)
+                if run is not None:  # e.g. MODEL_DIR/checkpoints or one of its step folders
+                    raise huggingface.CheckpointError(
+                        f"{model_dir}: config.json is missing; this folder is inside the training run {run}: "
+                        f"pass the run folder itself ({run}; choose the step with --step latest|best|N)")
                 raise huggingface.CheckpointError(f"{model_dir}: config.json is missing")
             cfg = EncoderConfig.from_hf_json(cfg_path, dtype=dtype, param_dtype=param_dtype, **config_overrides)
             extra = {"projection/kernel": (huggingface.PROJECTION, True)} if cfg.projection_dim else None
