@@ -33,7 +33,7 @@ from flax import nnx
 from mst5_jax.core import partitioning
 from mst5_jax.evals import xnli_retrieval
 from mst5_jax.formats import huggingface
-from mst5_jax.inference.encoder import SentenceEncoder
+from mst5_jax.inference.encoder import SentenceEncoder, truncation_summary
 from mst5_jax.formats import manifest, run_dir
 from mst5_jax.training.optimizer import make_schedule
 from mst5_jax.utils.files import write_text_atomic
@@ -218,7 +218,8 @@ class HeldoutEvalHook(Hook):
         else:
             self._encoder.update_weights(model)
         enc, length = self._encoder, self.max_length
-        return self.evaluator(lambda s: enc.encode(s, batch_size=128, max_length=length))
+        with truncation_summary(f"held-out eval (max_length={length})"):  # one warning, not one per language
+            return self.evaluator(lambda s: enc.encode(s, batch_size=128, max_length=length))
 
     def on_start(self, trainer) -> None:
         self.tokenizer = trainer.tokenizer
@@ -234,7 +235,8 @@ class HeldoutEvalHook(Hook):
             if trainer.primary:
                 before_file.write_text(json.dumps({"step": 0, self.metric: before}) + "\n")
         trainer.summary["heldout_before"] = before
-        print(f"held-out xnli_retrieval avg xx->en before training: {before:.2f}", flush=True)
+        print(f"held-out xnli_retrieval avg xx->en before training: {before:.2f} (max_length {self.max_length})",
+              flush=True)
 
     def heldout_loss(self, trainer) -> dict:
         """Mean loss metrics over the first `eval_batches` validation batches."""
@@ -259,7 +261,8 @@ class HeldoutEvalHook(Hook):
         after = self.score(trainer.current_model())[self.metric]
         trainer.summary["heldout_after"] = after
         gain = after - trainer.summary["heldout_before"]
-        print(f"held-out xnli_retrieval avg xx->en after training: {after:.2f} (gain {gain:+.2f} points)", flush=True)
+        print(f"held-out xnli_retrieval avg xx->en after training: {after:.2f} (gain {gain:+.2f} points; "
+              f"max_length {self.max_length})", flush=True)
         if self.min_gain and gain < self.min_gain:
             raise SystemExit(f"held-out metric rose by {gain:.2f} points, less than MIN_HELDOUT_GAIN={self.min_gain}")
 
