@@ -72,9 +72,9 @@ def _check_output(args) -> None:
     for flag in ("src", "tgt", "src_emb", "tgt_emb"):
         given = getattr(args, flag)
         if given and os.path.realpath(given) == out:
-            raise SystemExit(f"--output {args.output} is the --{flag} input; choose another output path")
+            raise cli.UserError(f"--output {args.output} is the --{flag} input; choose another output path")
     if os.path.exists(out) and not args.overwrite:
-        raise SystemExit(f"--output {args.output} exists; pass --overwrite to replace it")
+        raise cli.UserError(f"--output {args.output} exists; pass --overwrite to replace it")
 
 
 def _embeddings(path: Optional[str], lines: list[str], encoder, args) -> np.ndarray:
@@ -84,9 +84,9 @@ def _embeddings(path: Optional[str], lines: list[str], encoder, args) -> np.ndar
         try:
             return corpus_mining.check_embeddings(load_embeddings(path), path, len(lines))
         except corpus_mining.EmbeddingError as e:
-            raise SystemExit(str(e)) from None
+            raise cli.UserError(str(e)) from None
     if encoder is None:
-        raise SystemExit("pass --model, or --src_emb and --tgt_emb")
+        raise cli.UserError("pass --model, or --src_emb and --tgt_emb")
     return encoder.encode(lines, batch_size=args.batch_size, max_length=args.max_length,
                           show_progress_bar=not args.no_progress)
 
@@ -110,7 +110,7 @@ def _mine(args: argparse.Namespace) -> int:
     x = _embeddings(args.src_emb, src_lines, encoder, args)
     y = _embeddings(args.tgt_emb, tgt_lines, encoder, args)
     if x.shape[1] != y.shape[1]:
-        raise SystemExit(f"embedding widths differ: {args.src_emb or 'source'} has {x.shape[1]}, "
+        raise cli.UserError(f"embedding widths differ: {args.src_emb or 'source'} has {x.shape[1]}, "
                          f"{args.tgt_emb or 'target'} has {y.shape[1]}")
     src_keep = corpus_mining.dedup(src_lines) if args.dedup else np.arange(len(src_lines))
     tgt_keep = corpus_mining.dedup(tgt_lines) if args.dedup else np.arange(len(tgt_lines))

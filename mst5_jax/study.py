@@ -124,12 +124,12 @@ def _study(args: argparse.Namespace, argv: list[str], extra: list[str]) -> int:
     adapters = study.parse_named_paths(args.adapters, "--adapters")
     clash = [s.name for s in sizes if s.name in runs]
     if clash:
-        raise SystemExit(f"--sizes and --runs both name {clash}")
+        raise cli.UserError(f"--sizes and --runs both name {clash}")
     unknown_adapters = [n for n in adapters if n not in runs]
     if unknown_adapters:
-        raise SystemExit(f"--adapters names {unknown_adapters}, which are not in --runs")
+        raise cli.UserError(f"--adapters names {unknown_adapters}, which are not in --runs")
     if len(sizes) + len(runs) < 2:
-        raise SystemExit("a scaling study needs at least 2 sizes (--sizes and/or --runs)")
+        raise cli.UserError("a scaling study needs at least 2 sizes (--sizes and/or --runs)")
     recipe = args.recipe or ["xxl_lora.gin"]
     out = pathlib.Path(args.out)
     os.environ.setdefault("MST5_NO_SEQIO", "1")
