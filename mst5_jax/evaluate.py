@@ -24,6 +24,7 @@ import datetime
 import json
 import pathlib
 import sys
+import time
 from typing import Optional, Sequence
 
 from mst5_jax.evals import HashEncoder
@@ -102,6 +103,7 @@ def _evaluate(args, argv) -> int:
             out_path.parent.mkdir(parents=True, exist_ok=True)
             write_text_atomic(out_path, to_json({"meta": dict(meta, failed_tasks=failures or {}), "results": done}))
 
+    encode = _with_progress(encode)
     if max_length is not None:  # training's held-out metric uses TrainConfig.eval_max_length (64) instead
         print(f"{PROG}: encoding with max_length={max_length} tokens per sentence, batch_size={batch_size}",
               file=sys.stderr, flush=True)
@@ -122,6 +124,27 @@ def _evaluate(args, argv) -> int:
         print(f"{PROG}: {len(failures)} of {len(tasks)} task(s) failed{kept}", file=sys.stderr)
         return 1
     return 0
+
+
+PROGRESS_EVERY_S = 30.0
+
+
+def _with_progress(encode):
+    """`encode` that logs the sentences encoded so far every PROGRESS_EVERY_S seconds, so a long
+    task (Tatoeba: 112 languages, one encode call each) is not silent for minutes."""
+    state = {"n": 0, "start": time.monotonic(), "last": time.monotonic()}
+
+    def wrapped(sentences):
+        out = encode(sentences)
+        state["n"] += len(sentences)
+        now = time.monotonic()
+        if now - state["last"] >= PROGRESS_EVERY_S:
+            state["last"] = now
+            print(f"[evaluate] {state['n']} sentences encoded in {now - state['start']:.0f}s", file=sys.stderr,
+                  flush=True)
+        return out
+
+    return wrapped
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
