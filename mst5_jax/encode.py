@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import logging
 import sys
 from typing import Optional, Sequence
 
@@ -24,11 +23,12 @@ from mst5_jax.utils import cli
 __all__ = ["main", "load_embeddings", "read_sentences"]  # the latter two: docs/USING.md, mine
 
 PROG = "python -m mst5_jax.encode"
+EXAMPLE = ("python -m mst5_jax.encode --model PATH --input corpus.txt --output corpus.npy\n"
+           "  python -m mst5_jax.encode --model PATH --input data.jsonl --field text --output emb/ --sharded")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog=PROG, description=__doc__.split("\n")[0],
-                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    ap = cli.parser(PROG, __doc__, example=EXAMPLE)
     ap.add_argument("--model", required=True, help="HF, sentence-transformers or training-run directory, or hub id")
     ap.add_argument("--adapter", default=None, help="PEFT LoRA adapter directory")
     ap.add_argument("--step", default="latest", help="for a training run: latest, best or a step number")
@@ -39,16 +39,15 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--shard_size", type=int, default=100_000, help="sentences per shard (the resume unit)")
     ap.add_argument("--chunk_size", type=int, default=8192,
                     help="sentences sorted and encoded together inside a shard (progress granularity)")
-    ap.add_argument("--batch_size", type=int, default=64)
-    ap.add_argument("--max_length", type=int, default=512)
-    ap.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
+    ap.add_argument("--batch_size", type=int, default=64, help="sentences per batch")
+    ap.add_argument("--max_length", type=int, default=512, help="tokens per sentence incl. EOS; longer is truncated")
+    ap.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"), help="compute dtype")
     ap.add_argument("--normalize", action="store_true", help="L2-normalise the embeddings")
     ap.add_argument("--precision", default="float32", help=f"one of {PRECISIONS}")
     ap.add_argument("--max_shards", type=int, default=None, help="stop after writing this many new shards")
     ap.add_argument("--overwrite", action="store_true", help="replace an existing finished OUT.npy")
     ap.add_argument("--allow_empty", action="store_true", help="an empty input gives a (0, dim) array")
     ap.add_argument("--no_progress", action="store_true", help="no progress bar")
-    ap.add_argument("--debug", action="store_true", help="show tracebacks")
     return ap
 
 
@@ -61,8 +60,7 @@ def _encode(args: argparse.Namespace) -> int:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(None if argv is None else [str(a) for a in argv])
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-                        stream=sys.stderr)
+    cli.setup_logging(args.verbose)
     return cli.run(lambda: _encode(args), PROG, debug=args.debug)
 
 

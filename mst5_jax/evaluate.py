@@ -19,10 +19,12 @@ and `markdown_table(results)` (`mst5_jax.evals.runner` / `.report`) do the same.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import json
 import pathlib
 import sys
+import time
 from typing import Optional, Sequence
 
 from mst5_jax.evals import HashEncoder
@@ -35,26 +37,27 @@ from mst5_jax.utils.files import model_files_fingerprint, write_text_atomic
 
 __all__ = ["main", "run", "markdown_table", "compare_table", "parse_tasks"]
 PROG = "python -m mst5_jax.evaluate"
+EXAMPLE = ("python -m mst5_jax.evaluate --model PATH --tasks tatoeba,bucc,xsts --output results.json\n"
+           "  python -m mst5_jax.evaluate --encoder hash --tasks xsts --output r.json\n"
+           "  python -m mst5_jax.evaluate --compare a.json b.json")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog=PROG, description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = cli.parser(PROG, __doc__, example=EXAMPLE)
     src = p.add_mutually_exclusive_group()
     src.add_argument("--model", help="HF-format / sentence-transformers / project directory, or hub id")
     src.add_argument("--encoder", choices=["hash"], help="a built-in weight-free encoder instead of --model")
     src.add_argument("--compare", nargs=2, metavar=("A.json", "B.json"), help="print two result files side by side")
     p.add_argument("--adapter", help="PEFT LoRA adapter directory")
     p.add_argument("--tasks", default=",".join(DEFAULT_TASKS), help="comma-separated task names, or 'all'")
-    p.add_argument("--data_dir", default=str(paths.default_data_dir()))
+    p.add_argument("--data_dir", default=str(paths.default_data_dir()), help="the evaluation data (docs/DATA.md)")
     p.add_argument("--output", help="where to write the results JSON")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --output")
     p.add_argument("--max_length", type=int, default=512, help="tokens per sentence (mSimCSE used 32)")
-    p.add_argument("--batch_size", type=int, default=64)
-    p.add_argument("--dtype", default="float32")
+    p.add_argument("--batch_size", type=int, default=64, help="sentences per batch")
+    p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"), help="compute dtype")
     p.add_argument("--hash_dim", type=int, default=256, help="width of --encoder hash")
     p.add_argument("--reference", help="JSON of reference numbers, shown beside the scores")
-    p.add_argument("--debug", action="store_true", help="show tracebacks")
     return p
 
 
@@ -100,8 +103,17 @@ def _evaluate(args, argv) -> int:
             out_path.parent.mkdir(parents=True, exist_ok=True)
             write_text_atomic(out_path, to_json({"meta": dict(meta, failed_tasks=failures or {}), "results": done}))
 
-    results, failures = run_tasks(tasks, encode, args.data_dir, max_length=max_length, batch_size=batch_size,
-                                  device=device, on_result=save, keep_going=True)
+    encode = _with_progress(encode)
+    if max_length is not None:  # training's held-out metric uses TrainConfig.eval_max_length (64) instead
+        print(f"{PROG}: encoding with max_length={max_length} tokens per sentence, batch_size={batch_size}",
+              file=sys.stderr, flush=True)
+    with contextlib.ExitStack() as stack:
+        if args.model:  # one truncation warning per evaluate run, not one per language
+            from mst5_jax.inference.encoder import truncation_summary
+
+            stack.enter_context(truncation_summary(f"evaluate (max_length={max_length})"))
+        results, failures = run_tasks(tasks, encode, args.data_dir, max_length=max_length, batch_size=batch_size,
+                                      device=device, on_result=save, keep_going=True)
     if failures:
         save(failures=failures)
     print(markdown_table(results, reference))
@@ -114,8 +126,30 @@ def _evaluate(args, argv) -> int:
     return 0
 
 
+PROGRESS_EVERY_S = 30.0
+
+
+def _with_progress(encode):
+    """`encode` that logs the sentences encoded so far every PROGRESS_EVERY_S seconds, so a long
+    task (Tatoeba: 112 languages, one encode call each) is not silent for minutes."""
+    state = {"n": 0, "start": time.monotonic(), "last": time.monotonic()}
+
+    def wrapped(sentences):
+        out = encode(sentences)
+        state["n"] += len(sentences)
+        now = time.monotonic()
+        if now - state["last"] >= PROGRESS_EVERY_S:
+            state["last"] = now
+            print(f"[evaluate] {state['n']} sentences encoded in {now - state['start']:.0f}s", file=sys.stderr,
+                  flush=True)
+        return out
+
+    return wrapped
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(None if argv is None else [str(a) for a in argv])
+    cli.setup_logging(args.verbose)
     return cli.run(lambda: _evaluate(args, argv), PROG, debug=args.debug)
 
 

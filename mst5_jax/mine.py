@@ -31,14 +31,19 @@ import numpy as np
 
 from mst5_jax.evals import mining
 from mst5_jax.inference import mining as corpus_mining
+from mst5_jax.utils import cli
 from mst5_jax.utils.files import read_lines
 
 log = logging.getLogger("mst5_jax.mine")
 
 
+PROG = "python -m mst5_jax.mine"
+EXAMPLE = ("python -m mst5_jax.mine --src de.txt --tgt en.txt --model PATH --output pairs.tsv --threshold 1.06\n"
+           "  python -m mst5_jax.mine --src de.txt --tgt en.txt --src_emb de.npy --tgt_emb en.npy --output pairs.tsv")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="python -m mst5_jax.mine", description=__doc__.split("\n")[0],
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = cli.parser(PROG, __doc__, example=EXAMPLE)
     ap.add_argument("--src", required=True, help="source text file, one sentence per line")
     ap.add_argument("--tgt", required=True, help="target text file, one sentence per line")
     ap.add_argument("--output", required=True, help="TSV of mined pairs")
@@ -50,14 +55,15 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--k", type=int, default=4, help="margin neighbourhood size (4 as in LASER/BUCC)")
     ap.add_argument("--threshold", type=float, default=None, help="keep pairs with margin score >= this")
     ap.add_argument("--dedup", action="store_true", help="mine each distinct sentence once")
-    ap.add_argument("--backend", default="exact", choices=("exact", "faiss"))
+    ap.add_argument("--backend", default="exact", choices=("exact", "faiss"),
+                    help="exact: blocked brute force (float64 scores); faiss: an index (--faiss_index)")
     ap.add_argument("--block_elems", type=int, default=mining.DEFAULT_BLOCK_ELEMS,
                     help="exact backend: float32 similarities held at once (4 bytes each, plus the candidates)")
     ap.add_argument("--faiss_index", default="Flat", help="faiss factory string, e.g. Flat, IVF4096,Flat, HNSW32")
-    ap.add_argument("--nprobe", type=int, default=16)
-    ap.add_argument("--batch_size", type=int, default=64)
-    ap.add_argument("--max_length", type=int, default=512)
-    ap.add_argument("--no_progress", action="store_true")
+    ap.add_argument("--nprobe", type=int, default=16, help="faiss IVF indexes: lists searched per query")
+    ap.add_argument("--batch_size", type=int, default=64, help="sentences per batch when encoding with --model")
+    ap.add_argument("--max_length", type=int, default=512, help="tokens per sentence when encoding with --model")
+    ap.add_argument("--no_progress", action="store_true", help="no progress bar while encoding")
     return ap
 
 
@@ -66,9 +72,9 @@ def _check_output(args) -> None:
     for flag in ("src", "tgt", "src_emb", "tgt_emb"):
         given = getattr(args, flag)
         if given and os.path.realpath(given) == out:
-            raise SystemExit(f"--output {args.output} is the --{flag} input; choose another output path")
+            raise cli.UserError(f"--output {args.output} is the --{flag} input; choose another output path")
     if os.path.exists(out) and not args.overwrite:
-        raise SystemExit(f"--output {args.output} exists; pass --overwrite to replace it")
+        raise cli.UserError(f"--output {args.output} exists; pass --overwrite to replace it")
 
 
 def _embeddings(path: Optional[str], lines: list[str], encoder, args) -> np.ndarray:
@@ -78,17 +84,20 @@ def _embeddings(path: Optional[str], lines: list[str], encoder, args) -> np.ndar
         try:
             return corpus_mining.check_embeddings(load_embeddings(path), path, len(lines))
         except corpus_mining.EmbeddingError as e:
-            raise SystemExit(str(e)) from None
+            raise cli.UserError(str(e)) from None
     if encoder is None:
-        raise SystemExit("pass --model, or --src_emb and --tgt_emb")
+        raise cli.UserError("pass --model, or --src_emb and --tgt_emb")
     return encoder.encode(lines, batch_size=args.batch_size, max_length=args.max_length,
                           show_progress_bar=not args.no_progress)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-                        stream=sys.stderr)
+    args = build_parser().parse_args(None if argv is None else [str(a) for a in argv])
+    cli.setup_logging(args.verbose)
+    return cli.run(lambda: _mine(args), PROG, debug=args.debug)
+
+
+def _mine(args: argparse.Namespace) -> int:
     _check_output(args)
     src_lines, tgt_lines = read_lines(args.src), read_lines(args.tgt)
     encoder = None
@@ -101,7 +110,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     x = _embeddings(args.src_emb, src_lines, encoder, args)
     y = _embeddings(args.tgt_emb, tgt_lines, encoder, args)
     if x.shape[1] != y.shape[1]:
-        raise SystemExit(f"embedding widths differ: {args.src_emb or 'source'} has {x.shape[1]}, "
+        raise cli.UserError(f"embedding widths differ: {args.src_emb or 'source'} has {x.shape[1]}, "
                          f"{args.tgt_emb or 'target'} has {y.shape[1]}")
     src_keep = corpus_mining.dedup(src_lines) if args.dedup else np.arange(len(src_lines))
     tgt_keep = corpus_mining.dedup(tgt_lines) if args.dedup else np.arange(len(tgt_lines))

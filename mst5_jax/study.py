@@ -32,7 +32,7 @@ from mst5_jax.analysis import study
 from mst5_jax.evals.data import package_versions
 from mst5_jax.evals.report import to_json
 from mst5_jax.evals.runner import parse_tasks, run
-from mst5_jax.utils import paths
+from mst5_jax.utils import cli, paths
 from mst5_jax.utils.files import model_files_fingerprint, write_text_atomic
 
 
@@ -47,22 +47,29 @@ def train_config(size: study.Size, recipe: Sequence[str], setting: str, data: st
     return cfg
 
 
+PROG = "python -m mst5_jax.study"
+EXAMPLE = ("python -m mst5_jax.study --sizes tiny-16,tiny-32,tiny-64 --setting cross --data local "
+           "--recipe demo_cpu.gin --tasks xnli_retrieval,xsts --out /tmp/study\n"
+           "  (any --gin.MACRO=VALUE binding is applied to every size's training run, after its gin files)")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m mst5_jax.study", description=__doc__.split("\n\n")[0])
+    p = cli.parser(PROG, __doc__, example=EXAMPLE)
     p.add_argument("--sizes", default="", help="comma-separated: small,base,large,xl,xxl or tiny-N")
     p.add_argument("--runs", default="", help="NAME=DIR,... existing runs / HF directories (not trained)")
     p.add_argument("--adapters", default="", help="NAME=DIR,... PEFT adapters for --runs entries")
-    p.add_argument("--setting", choices=sorted(study.SETTING_TASKS), default="cross")
+    p.add_argument("--setting", choices=sorted(study.SETTING_TASKS), default="cross",
+                   help="training task: cross-lingual NLI, monolingual NLI in every language, or English NLI")
     p.add_argument("--data", choices=["paper", "local"], default="paper",
                    help="paper: XNLI-MT / SNLI+MNLI; local: the offline XNLI files")
     p.add_argument("--recipe", action="append", default=None,
                    help="run gin file(s) every size starts from (default xxl_lora.gin); repeatable")
     p.add_argument("--tasks", default="tatoeba,bucc,xsts", help="evaluation tasks (mst5_jax.evaluate names)")
     p.add_argument("--task_kwargs", default="{}", help='JSON, e.g. {"xnli_retrieval": {"max_premises": 200}}')
-    p.add_argument("--data_dir", default=str(paths.default_data_dir()))
+    p.add_argument("--data_dir", default=str(paths.default_data_dir()), help="evaluation and training data")
     p.add_argument("--max_length", type=int, default=64, help="tokens per sentence at evaluation")
-    p.add_argument("--batch_size", type=int, default=64)
-    p.add_argument("--dtype", default="float32")
+    p.add_argument("--batch_size", type=int, default=64, help="sentences per batch at evaluation")
+    p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"), help="compute dtype at evaluation")
     p.add_argument("--params", choices=["total", "non_embedding"], default="total",
                    help="encoder parameters on the x axis: with or without the embedding table")
     p.add_argument("--feature_sets", default=study.DEFAULT_FEATURE_SETS, help="lang2vec feature sets, '+'-joined")
@@ -98,22 +105,31 @@ def _evaluate_size(name: str, path: str, adapter: Optional[str], args, tasks: li
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
+    argv = cli.argv_list(argv)
     extra = [a[len("--gin."):] for a in argv if a.startswith("--gin.")]
     args = build_parser().parse_args([a for a in argv if not a.startswith("--gin.")])
+    cli.setup_logging(args.verbose)
+    return cli.run(lambda: _study(args, argv, extra), PROG, debug=args.debug)
+
+
+def _study(args: argparse.Namespace, argv: list[str], extra: list[str]) -> int:
     tasks = parse_tasks(args.tasks)
-    task_kwargs = json.loads(args.task_kwargs)
+    try:
+        task_kwargs = json.loads(args.task_kwargs)
+    except json.JSONDecodeError as e:
+        raise cli.UserError(f"--task_kwargs {args.task_kwargs!r} is not JSON ({e}); expected e.g. "
+                            '\'{"xnli_retrieval": {"max_premises": 200}}\'') from None
     sizes = study.parse_sizes(args.sizes) if args.sizes else []
     runs = study.parse_named_paths(args.runs, "--runs")
     adapters = study.parse_named_paths(args.adapters, "--adapters")
     clash = [s.name for s in sizes if s.name in runs]
     if clash:
-        raise SystemExit(f"--sizes and --runs both name {clash}")
+        raise cli.UserError(f"--sizes and --runs both name {clash}")
     unknown_adapters = [n for n in adapters if n not in runs]
     if unknown_adapters:
-        raise SystemExit(f"--adapters names {unknown_adapters}, which are not in --runs")
+        raise cli.UserError(f"--adapters names {unknown_adapters}, which are not in --runs")
     if len(sizes) + len(runs) < 2:
-        raise SystemExit("a scaling study needs at least 2 sizes (--sizes and/or --runs)")
+        raise cli.UserError("a scaling study needs at least 2 sizes (--sizes and/or --runs)")
     recipe = args.recipe or ["xxl_lora.gin"]
     out = pathlib.Path(args.out)
     os.environ.setdefault("MST5_NO_SEQIO", "1")

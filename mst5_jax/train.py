@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import os
 import sys
 from typing import Optional, Sequence
@@ -29,35 +28,43 @@ from mst5_jax.utils import cli
 
 __all__ = ["main", "parse_gin"]
 
-EXAMPLE = """example:
-  python -m mst5_jax.train --gin_file=demo_cpu.gin
+PROG = "python -m mst5_jax.train"
+EXAMPLE = """python -m mst5_jax.train --gin_file=demo_cpu.gin
   python -m mst5_jax.train --gin_file xxl_lora.gin --gin.MODEL_DIR="'/runs/xxl'" --gin.TRAIN_STEPS=100 --dry_run
   python -m mst5_jax.train --gin_file=xxl_lora_tpu_pod.gin --multiprocess      # on every worker of a pod
   python -m mst5_jax.train --gin_file=demo_cpu.gin --coordinator_address=localhost:8476 \\
       --process_count=2 --process_index=0                                    # and --process_index=1
 
-VALUE is a gin literal: strings are quoted, numbers are not. Gin files are found by bare
-name anywhere under the repository's gin/ tree."""
+VALUE is a gin literal: strings are quoted (--gin.MODEL_DIR="'/tmp/run'"), numbers are not
+(--gin.BATCH_SIZE=64). Gin files are found by path or by bare name anywhere under the
+repository's gin/ tree: runs/ (demo_cpu.gin, base_full_finetune.gin, xxl_lora.gin, ...),
+models/ and hardware/."""
 
 
-class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
-    """Defaults after each flag, and the example epilog as written."""
+def _macro_help() -> str:
+    """The macros every run config defines (gin/runs/_common.gin), for --help."""
+    try:
+        from mst5_jax.training.gin_utils import common_macros
+
+        return ", ".join(common_macros())
+    except (ImportError, OSError):  # --help still works without gin-config or the gin tree
+        return "MODEL_DIR, TRAIN_STEPS, BATCH_SIZE, ... (gin/runs/_common.gin)"
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m mst5_jax.train", epilog=EXAMPLE, formatter_class=_HelpFormatter)
+    p = cli.parser(PROG, __doc__, example=EXAMPLE)
     p.add_argument("--gin_file", action="append", default=[], metavar="NAME.gin", required=True,
-                   help="a gin file, by path or by bare name under gin/ (repeatable, parsed in order)")
+                   help="a gin file, by path or by bare name under gin/ (repeatable, parsed in order); "
+                        "--gin_file X and --gin_file=X both work")
     p.add_argument("--gin.MACRO", dest="_gin_help", metavar="VALUE", default=None,
-                   help="--gin.MACRO=VALUE or --gin.Configurable.param=VALUE: a gin binding, "
-                        "applied after the files (repeatable)")
+                   help="--gin.MACRO=VALUE or --gin.Configurable.param=VALUE: a gin binding, applied after "
+                        f"the files (repeatable). MACRO is one of {_macro_help()}")
     p.add_argument("--dry_run", action="store_true",
                    help="parse the config, build it on an AbstractMesh and print per-device memory; train nothing")
     p.add_argument("--profile_steps", default=None, metavar="A:B",
                    help="write a jax.profiler trace of steps A..B to MODEL_DIR/profile")
     p.add_argument("--compilation_cache_dir", default=None, help="a persistent JAX compilation cache folder")
     multiprocess.add_flags(p)
-    p.add_argument("--debug", action="store_true", help="show the full traceback on errors")
     return p
 
 
@@ -70,19 +77,16 @@ def split_gin_bindings(argv: Sequence[str]) -> tuple[list[str], list[str]]:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    bindings, rest = split_gin_bindings(sys.argv[1:] if argv is None else argv)
+    bindings, rest = split_gin_bindings(cli.argv_list(argv))
     args = parser().parse_args(rest)
-    # force: an import may already have configured the root logger (at WARNING, bare format)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", force=True)
-    for noisy in ("absl", "jax._src.xla_bridge", "orbax"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
+    cli.setup_logging(args.verbose)
+    return cli.run(lambda: _train(args, bindings), PROG, debug=args.debug)
+
+
+def _train(args: argparse.Namespace, bindings: list[str]) -> int:
     distributed = None
     if not args.dry_run:  # before anything touches a device; a dry run uses an AbstractMesh only
-        try:
-            distributed = multiprocess.initialize(args)
-        except cli.UserError as e:
-            print(f"python -m mst5_jax.train: error: {e}", file=sys.stderr)
-            return cli.EXIT_USER_ERROR
+        distributed = multiprocess.initialize(args)
     # Training reads data through the TF-free numpy path; skip seqio's TensorFlow import.
     os.environ.setdefault("MST5_NO_SEQIO", "1")
     cfg = parse_gin(args.gin_file, bindings)
@@ -97,20 +101,21 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     from mst5_jax.training.trainer import Trainer  # imports `tasks`: after MST5_NO_SEQIO is set
 
     fault = FaultHook.from_env()
-
-    def train() -> int:
+    try:
         trainer = Trainer(cfg, hooks=[fault] if fault else [])  # locks MODEL_DIR, checks a resume
-        try:
-            if trainer.primary:
-                resume_check.keep_operative_config(trainer.model_dir, operative)
-        except BaseException:
-            trainer.release_lock()
-            raise
-        with multiprocess.exit_on_peer_failure(distributed):
-            summary = trainer.run()
-        return cli.EXIT_PREEMPTED if summary.get("preempted") else 0
-
-    return cli.run(train, prog="python -m mst5_jax.train", debug=args.debug)
+    except KeyError as e:  # the task registry's "unknown task or mixture 'x'; registered: [...]"
+        if "unknown task" in str(e):
+            raise cli.UserError(f"MIXTURE_OR_TASK_NAME: {e.args[0]}") from e
+        raise
+    try:
+        if trainer.primary:
+            resume_check.keep_operative_config(trainer.model_dir, operative)
+    except BaseException:
+        trainer.release_lock()
+        raise
+    with multiprocess.exit_on_peer_failure(distributed):
+        summary = trainer.run()
+    return cli.EXIT_PREEMPTED if summary.get("preempted") else 0
 
 
 if __name__ == "__main__":

@@ -1,5 +1,9 @@
 """mst5_jax.utils.cli: user errors become short messages; outputs are never destroyed."""
 import logging
+import os
+import re
+import subprocess
+import sys
 
 import pytest
 
@@ -62,3 +66,23 @@ def test_setup_logging_quiets_third_parties():
     assert logging.getLogger("orbax").getEffectiveLevel() == logging.WARNING
     cli.setup_logging(verbose=True)
     assert logging.getLogger("orbax").getEffectiveLevel() == logging.INFO
+
+
+def test_setup_logging_hides_backend_probing_and_formats_warnings():
+    # a subprocess: pytest records warnings itself, which would bypass logging.captureWarnings
+    script = """
+import logging, sys, warnings
+from mst5_jax.utils import cli
+cli.setup_logging(verbose="-v" in sys.argv)
+logging.getLogger("jax._src.xla_bridge").warning("A Google TPU may be present on this machine, but ...")
+warnings.warn_explicit("TPU_LIBRARY_PATH is set to a non-existent path", UserWarning, "cloud_tpu_init.py", 1,
+                       module="jax._src.cloud_tpu_init")
+warnings.warn("a project warning", UserWarning)
+"""
+    env = dict(os.environ, PYTHONPATH=str(cli.pathlib.Path(__file__).resolve().parents[1]))
+    quiet = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env).stderr
+    assert "TPU" not in quiet, quiet
+    # other warnings are logged in the one format: "<time> WARNING py.warnings: ..."
+    assert re.search(r"^\S+ \S+ WARNING py.warnings: .*a project warning", quiet, re.MULTILINE), quiet
+    verbose = subprocess.run([sys.executable, "-c", script, "-v"], capture_output=True, text=True, env=env).stderr
+    assert "A Google TPU may be present" in verbose and "TPU_LIBRARY_PATH" in verbose, verbose

@@ -17,6 +17,7 @@ CLI: `python -m mst5_jax.encode --model PATH [--adapter DIR] --input FILE --outp
 from __future__ import annotations
 
 import collections
+import contextlib
 import dataclasses
 import logging
 import os
@@ -24,7 +25,7 @@ import pathlib
 import tempfile
 import threading
 import time
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Callable, Iterator, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -43,6 +44,33 @@ log = logging.getLogger(__name__)
 # What `SentenceEncoder.from_pretrained` raises for a bad model, adapter or config.json (user
 # input, not a bug); each names the file and what was wrong, so CLIs print it without a traceback.
 LOAD_ERRORS = (huggingface.CheckpointError, lora.LoRAError, ConfigError, safety.UnsafePathError)
+
+_truncation = threading.local()
+
+
+@contextlib.contextmanager
+def truncation_summary(what: str) -> Iterator[dict]:
+    """Within the block, `SentenceEncoder.encode` calls (in this thread) count truncated
+    sentences instead of warning once each; one warning sums them at the end. An evaluator
+    that encodes per language then warns once, not 15 times.
+
+    Yields the running counts {"truncated", "sentences", "max_length": set of lengths}.
+    """
+    counts = {"truncated": 0, "sentences": 0, "max_length": set()}
+    outer = getattr(_truncation, "counts", None)
+    _truncation.counts = counts
+    try:
+        yield counts
+    finally:
+        _truncation.counts = outer
+        if outer is not None:  # nested: the outer block reports
+            outer["truncated"] += counts["truncated"]
+            outer["sentences"] += counts["sentences"]
+            outer["max_length"] |= counts["max_length"]
+        elif counts["truncated"]:
+            log.warning("%s: %d of %d sentences were truncated to max_length=%s tokens", what, counts["truncated"],
+                        counts["sentences"], "/".join(map(str, sorted(counts["max_length"]))))
+
 
 MIN_BUCKET = 16
 TOKENS_PER_SENTENCE = 128   # default token budget per batch = batch_size * this
@@ -170,6 +198,11 @@ class SentenceEncoder:
         else:
             cfg_path = model_dir / "config.json"
             if not cfg_path.is_file():
+                run = next((d for d in model_dir.absolute().parents[:3] if (d / "run.json").is_file()), None)
+                if run is not None:  # e.g. MODEL_DIR/checkpoints or one of its step folders
+                    raise huggingface.CheckpointError(
+                        f"{model_dir}: config.json is missing; this folder is inside the training run {run}: "
+                        f"pass the run folder itself ({run}; choose the step with --step latest|best|N)")
                 raise huggingface.CheckpointError(f"{model_dir}: config.json is missing")
             cfg = EncoderConfig.from_hf_json(cfg_path, dtype=dtype, param_dtype=param_dtype, **config_overrides)
             extra = {"projection/kernel": (huggingface.PROJECTION, True)} if cfg.projection_dim else None
@@ -344,7 +377,12 @@ class SentenceEncoder:
             return np.zeros((0, dim), np.float32)
         t0 = time.perf_counter()
         ids, truncated = self.tokenizer.encode_batch_counted(list(sentences), max_length=max_length)
-        if truncated:
+        summary = getattr(_truncation, "counts", None)
+        if summary is not None:
+            summary["truncated"] += truncated
+            summary["sentences"] += n
+            summary["max_length"].add(max_length)
+        elif truncated:
             log.warning("encode: %d of %d sentences were truncated to max_length=%d tokens", truncated, n, max_length)
         bar = _progress(n, show_progress_bar)
         out, stats = self.encode_ids(ids, max_length, budget, progress=None if bar is None else bar.update)

@@ -96,10 +96,17 @@ def find_gin_file(name: str, root: Optional[pathlib.Path] = None) -> pathlib.Pat
         return root / name
     matches = sorted(root.rglob(p.name))
     if not matches:
-        raise FileNotFoundError(f"gin file {name!r}: not a path, and not found under {root}")
+        runs = ", ".join(sorted(f.name for f in (root / "runs").glob("*.gin") if not f.name.startswith("_")))
+        raise FileNotFoundError(f"gin file {name!r}: not a path, and not found under {root}; "
+                                f"the run files are {runs} (misspelt?)")
     if len(matches) > 1:
         raise ValueError(f"gin file {name!r} is ambiguous under {root}: " + ", ".join(map(str, matches)))
     return matches[0]
+
+
+def common_macros() -> list[str]:
+    """The macros every run config defines, in gin/runs/_common.gin's order."""
+    return _MACRO_DEF.findall((gin_root() / "runs" / "_common.gin").read_text(encoding="utf-8"))
 
 
 def _with_includes(files: Sequence[pathlib.Path], root: pathlib.Path) -> list[pathlib.Path]:
@@ -158,11 +165,67 @@ def parse_gin(gin_files: Sequence[str], bindings: Sequence[str]) -> TrainConfig:
     os.chdir(root)
     try:
         gin.parse_config_files_and_bindings([str(f) for f in files], list(bindings), finalize_config=False)
+    except SyntaxError as e:  # gin's "Unable to parse value.": usually an unquoted string
+        raise ValueError(gin_syntax_message(e)) from None
     finally:
         os.chdir(cwd)
     cfg = gin.get_configurable(TrainConfig)()
     encoder = gin.get_bindings(EncoderConfig, resolve_references=True)
-    return dataclasses.replace(cfg, model_overrides={**encoder, **cfg.model_overrides})
+    cfg = dataclasses.replace(cfg, model_overrides={**encoder, **cfg.model_overrides})
+    check_values(cfg)
+    return cfg
+
+
+def gin_syntax_message(e: SyntaxError) -> str:
+    """Gin's parse error as one line: where, what, and the quoted form of an unquoted string.
+
+    `--gin.MODEL_DIR=/tmp/x` -> `--gin.MODEL_DIR=/tmp/x: cannot parse /tmp/x as a gin value; strings
+    are quoted: --gin.MODEL_DIR="'/tmp/x'"`. In a file, the message starts with `FILE:LINE:`.
+    """
+    text = (e.text or "").strip()
+    name, _, value = (part.strip() for part in text.partition("="))
+    default = _field_default(name)
+    if isinstance(default, (int, float)) and not isinstance(default, bool):
+        hint = "expected a number (unquoted), e.g. " + (f"{name} = {default!r}" if e.filename
+                                                         else f"--gin.{name}={default!r}")
+    elif value and value[0] not in "'\"[{(@%" and not re.fullmatch(r"[-+0-9.eE]+|True|False|None", value):
+        hint = "strings are quoted: " + (f"{name} = '{value}'" if e.filename else f"--gin.{name}=\"'{value}'\"")
+    else:
+        hint = "expected a Python literal (a quoted string, a number, True/False/None, a list or dict), " \
+               "a %MACRO or an @Configurable()"
+    where = f"{e.filename}:{e.lineno}: {text}" if e.filename else f"--gin.{text}"
+    return f"{where}: cannot parse {value or text!r} as a gin value; {hint}"
+
+
+def _field_default(name: str):
+    """The dataclass default that `MACRO` (TrainConfig.macro) or `Class.param` sets, or None."""
+    cls_name, _, param = name.rpartition(".")
+    classes = {c.__name__: c for c in (TrainConfig, OptimizerConfig, LossConfig, MeshConfig, EncoderConfig, LoRAConfig)}
+    cls = classes.get(cls_name) if cls_name else TrainConfig
+    field = {f.name: f for f in dataclasses.fields(cls)}.get(param if cls_name else name.lower()) if cls else None
+    return None if field is None or field.default is dataclasses.MISSING else field.default
+
+
+def check_values(cfg: TrainConfig) -> None:
+    """Refuses values gin accepted but training cannot use, naming the macro: a step count, batch
+    size, or interval that is not a positive integer, or a learning rate that is not a number.
+    (Batch divisibility by the data axes and processes is checked where the mesh is built.)"""
+    positive = {"BATCH_SIZE": cfg.batch_size, "TRAIN_STEPS": cfg.train_steps, "MAX_LENGTH": cfg.max_length,
+                "LOG_EVERY": cfg.log_every, "CHECKPOINT_EVERY": cfg.checkpoint_every,
+                "TrainConfig.keep_checkpoints": cfg.keep_checkpoints, "TrainConfig.eval_max_length": cfg.eval_max_length}
+    if cfg.schedule_steps is not None:
+        positive["SCHEDULE_STEPS"] = cfg.schedule_steps
+    if cfg.eval_every is not None:
+        positive["TrainConfig.eval_every"] = cfg.eval_every
+    if cfg.microbatch_size is not None:
+        positive["TrainConfig.microbatch_size"] = cfg.microbatch_size
+    for name, value in positive.items():
+        if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+            raise ValueError(f"{name}={value!r}: expected a positive integer (unquoted), e.g. --gin.{name}=8")
+    lr = cfg.optimizer.learning_rate
+    if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not lr > 0:
+        raise ValueError(f"OptimizerConfig.learning_rate={lr!r}: expected a positive number (unquoted), "
+                         "e.g. --gin.OptimizerConfig.learning_rate=1e-3")
 
 
 def config_str() -> str:

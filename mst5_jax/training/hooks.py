@@ -17,14 +17,13 @@ save, then stop). Fault injection for tests is `mst5_jax.training.faults.FaultHo
 """
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
 import pathlib
 import signal
 import sys
 import time
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Callable, Optional
 
 import jax
 import numpy as np
@@ -34,7 +33,7 @@ from mst5_jax.core import partitioning
 from mst5_jax.evals import registry
 from mst5_jax.evals.report import flatten
 from mst5_jax.formats import huggingface
-from mst5_jax.inference.encoder import SentenceEncoder
+from mst5_jax.inference.encoder import SentenceEncoder, truncation_summary
 from mst5_jax.formats import manifest, run_dir
 from mst5_jax.training.optimizer import make_schedule
 from mst5_jax.utils.files import write_text_atomic
@@ -227,7 +226,8 @@ class HeldoutEvalHook(Hook):
         else:
             self._encoder.update_weights(model)
         enc, length = self._encoder, self.max_length
-        return self.evaluator(lambda s: enc.encode(s, batch_size=128, max_length=length))
+        with truncation_summary(f"held-out eval (max_length={length})"):  # one warning, not one per language
+            return self.evaluator(lambda s: enc.encode(s, batch_size=128, max_length=length))
 
     def on_start(self, trainer) -> None:
         self.tokenizer = trainer.tokenizer

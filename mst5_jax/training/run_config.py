@@ -95,6 +95,9 @@ def encoder_config(cfg: TrainConfig, vocab_size: Optional[int] = None, read_pret
     preset; an override wins over it."""
     if cfg.pretrained and read_pretrained:
         d = huggingface.resolve_model_dir(cfg.pretrained)
+        if not (d / "config.json").is_file():
+            raise ValueError(f"TrainConfig.pretrained={cfg.pretrained!r}: {d / 'config.json'} is missing; pass a "
+                             "Hugging Face model folder (config.json, weights and tokenizer) or a hub id")
         return EncoderConfig.from_hf_json(d / "config.json", **cfg.model_overrides)
     sized = {} if vocab_size is None else {"vocab_size": vocab_size}
     return EncoderConfig.preset(cfg.model, **{**sized, **cfg.model_overrides})

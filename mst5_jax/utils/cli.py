@@ -24,6 +24,7 @@ import logging
 import os
 import pathlib
 import sys
+import warnings
 from typing import Callable, Iterable, Optional, Sequence
 
 EXIT_USER_ERROR = 2
@@ -34,8 +35,9 @@ finished; rerun the same command to resume. EX_TEMPFAIL of sysexits.h ("try agai
 so a scheduler tells it from success (0), a user error (2) and a crash (1 or a signal)."""
 
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
-NOISY_LOGGERS = ("absl", "orbax", "jax._src.xla_bridge", "jax._src.distributed", "tensorflow", "h5py",
+NOISY_LOGGERS = ("absl", "orbax", "jax._src.distributed", "tensorflow", "h5py",
                  "urllib3", "httpx", "filelock", "huggingface_hub")
+BACKEND_PROBING_LOGGERS = ("jax._src.xla_bridge", "jax._src.cloud_tpu_init")
 
 
 class UserError(Exception):
@@ -62,12 +64,23 @@ def parser(prog: str, description: Optional[str], example: Optional[str] = None)
 
 
 def setup_logging(verbose: bool = False) -> None:
-    """One log format for every command; third-party chatter only with ``--verbose``."""
+    """One log format for every command; third-party chatter only with ``--verbose``.
+
+    Python warnings go through logging too (logger ``py.warnings``), so they share the format.
+    Without ``--verbose``, JAX's backend probing is quiet below ERROR: its "a TPU/GPU may be
+    present ... falling back to cpu" and libtpu warnings (``jax._src.xla_bridge`` and
+    ``jax._src.cloud_tpu_init``) say nothing the CLIs' own "encoding on N device(s): cpu"
+    lines do not.
+    """
     logging.basicConfig(level=logging.INFO, format=LOG_FORMAT, stream=sys.stderr, force=True)
+    logging.captureWarnings(True)
     for name in NOISY_LOGGERS:
         logging.getLogger(name).setLevel(logging.INFO if verbose else logging.WARNING)
+    for name in BACKEND_PROBING_LOGGERS:
+        logging.getLogger(name).setLevel(logging.INFO if verbose else logging.ERROR)
     if not verbose:
         os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+        warnings.filterwarnings("ignore", module=r"jax\._src\.cloud_tpu_init")
 
 
 def run(body: Callable[[], Optional[int]], prog: str, debug: bool = False) -> int:
