@@ -12,7 +12,6 @@ import argparse
 import json
 import logging
 import os
-import pathlib
 import sys
 from typing import Optional, Sequence
 
@@ -21,6 +20,7 @@ import jax
 from mst5_jax.training import config_check
 from mst5_jax.training.faults import FaultHook
 from mst5_jax.training.gin_utils import config_str, configure_tasks, parse_gin
+from mst5_jax.utils import files, fs
 
 __all__ = ["main", "parse_gin"]
 
@@ -80,9 +80,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     from mst5_jax.training.trainer import Trainer  # imports `tasks`: after MST5_NO_SEQIO is set
 
     fault = FaultHook.from_env()
-    pathlib.Path(cfg.model_dir).mkdir(parents=True, exist_ok=True)
+    model_dir = fs.as_path(cfg.model_dir)
+    model_dir.mkdir(parents=True, exist_ok=True)
     if jax.process_index() == 0:
-        (pathlib.Path(cfg.model_dir) / "operative_config.gin").write_text(operative)
+        files.write_text_atomic(model_dir / "operative_config.gin", operative)
     Trainer(cfg, hooks=[fault] if fault else []).run()
     return 0
 
