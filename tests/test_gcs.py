@@ -240,3 +240,29 @@ def test_manifest_verification_on_gs_names_a_corrupted_file(gcs, tmp_path):
     assert manifest.newest_verified_step(f"{gcs}/checkpoints", quarantine=True) is None
     moved = fs.list_files(f"{gcs}/checkpoints_rejected")
     assert any(f.endswith("/params/a.bin") for f in moved) and not fs.list_files(f"{gcs}/checkpoints")
+
+
+def test_training_from_a_gs_pretrained_model_and_vocabulary(gcs, tiny_hf_model_dir, tmp_path, monkeypatch):
+    """LoRA on a gs:// PRETRAINED with a gs:// vocabulary equals the same run on the local files."""
+    import json
+
+    from mst5_jax import SentenceEncoder
+
+    monkeypatch.setenv("MST5_NO_SEQIO", "1")
+    fs.upload_dir(tiny_hf_model_dir, f"{gcs}/base")
+    lora = ["--gin.TRAIN_STEPS=2", "--gin.TrainConfig.model_overrides={}", "--gin.TrainConfig.lora=@LoRAConfig()",
+            "--gin.LoRAConfig.rank=4", "--gin.LoRAConfig.alpha=8", "--gin.LoRAConfig.targets=['q', 'v']"]
+    local, url = tmp_path / "local", f"{gcs}/run"
+    assert _train_cli(local, *lora, f"--gin.PRETRAINED='{tiny_hf_model_dir}'",
+                      f"--gin.TrainConfig.vocab='{pathlib.Path(tiny_hf_model_dir) / 'spiece.model'}'") == 0
+    assert _train_cli(url, *lora, f"--gin.PRETRAINED='{gcs}/base'",
+                      f"--gin.TrainConfig.vocab='{gcs}/base/spiece.model'") == 0
+    info = json.loads(fs.as_path(f"{url}/run.json").read_text())
+    assert info["mode"] == "lora" and info["base"]["path"] == f"{gcs}/base", info["base"]
+    remote_losses, local_losses = _gcs_losses(url), _gcs_losses(local)
+    assert sorted(remote_losses) == [1, 2]
+    for s in (1, 2):
+        assert remote_losses[s] == pytest.approx(local_losses[s], rel=1e-6), (s, remote_losses, local_losses)
+    ours = SentenceEncoder.from_pretrained(url).encode(SENTENCES)
+    ref = SentenceEncoder.from_pretrained(local).encode(SENTENCES)
+    np.testing.assert_allclose(ours, ref, rtol=1e-6, atol=1e-6)
