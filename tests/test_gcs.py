@@ -201,7 +201,8 @@ def test_training_run_into_gs_writes_resumes_and_loads(gcs, tmp_path, monkeypatc
     assert _train_cli(url, "--gin.TRAIN_STEPS=2", "--gin.SCHEDULE_STEPS=4") == 0
     first = set(fs.list_files(url))
     assert {"run.json", "operative_config.gin", "metrics.jsonl", "checkpoints/2/manifest.json"} <= first, first
-    assert any(f.startswith("checkpoints/2/params/") and "ocdbt" in f or "/d/" in f for f in first), first
+    # the arrays themselves, written by tensorstore (ocdbt data files under params/d/)
+    assert any(f.startswith("checkpoints/2/params/d/") for f in first), first
     assert _train_cli(url, "--gin.TRAIN_STEPS=4", "--gin.SCHEDULE_STEPS=4") == 0
     names = set(fs.list_files(url))
     assert {"checkpoints/4/manifest.json", "summary.json", "tokenizer/spiece.model"} <= names, names
