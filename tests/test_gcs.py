@@ -172,3 +172,98 @@ def test_evaluator_reads_a_gs_data_dir(gcs, data_dir):
     strip = lambda r: {k: v for k, v in r.items() if k != "meta"}  # noqa: E731
     assert strip(remote) == strip(local) and strip(local)
     assert all(f["path"].startswith(gcs) for f in remote["meta"]["data_files"])
+
+
+# ------------------------------------------------------------------------- training into gs://
+def _train_cli(model_dir, *extra):
+    """`python -m mst5_jax.train` in process (the emulator serves from this process)."""
+    from mst5_jax import train
+    from test_train import TINY
+
+    return train.main([*TINY, f"--gin.MODEL_DIR='{model_dir}'", *extra])
+
+
+def _gcs_losses(model_dir):
+    import json
+
+    text = fs.as_path(f"{model_dir}/metrics.jsonl").read_text()
+    return {r["step"]: r["loss"] for r in map(json.loads, text.splitlines()) if "loss" in r}
+
+
+def test_training_run_into_gs_writes_resumes_and_loads(gcs, tmp_path, monkeypatch):
+    """2 steps into gs://, then resumed to 4, equal 4 uninterrupted steps into a local folder."""
+    from mst5_jax import SentenceEncoder
+    from mst5_jax.formats import manifest
+
+    monkeypatch.setenv("MST5_NO_SEQIO", "1")  # train.main sets it; restored after the test
+    local, url = tmp_path / "local", f"{gcs}/run"
+    assert _train_cli(local, "--gin.TRAIN_STEPS=4", "--gin.SCHEDULE_STEPS=4") == 0
+    assert _train_cli(url, "--gin.TRAIN_STEPS=2", "--gin.SCHEDULE_STEPS=4") == 0
+    first = set(fs.list_files(url))
+    assert {"run.json", "operative_config.gin", "metrics.jsonl", "checkpoints/2/manifest.json"} <= first, first
+    # the arrays themselves, written by tensorstore (ocdbt data files under params/d/)
+    assert any(f.startswith("checkpoints/2/params/d/") for f in first), first
+    assert _train_cli(url, "--gin.TRAIN_STEPS=4", "--gin.SCHEDULE_STEPS=4") == 0
+    names = set(fs.list_files(url))
+    assert {"checkpoints/4/manifest.json", "summary.json", "tokenizer/spiece.model"} <= names, names
+    assert manifest.verify(f"{url}/checkpoints/4") == []
+    recorded = fs.as_path(f"{url}/checkpoints/4/manifest.json").read_text()
+    assert '"hashed": true' in recorded
+
+    remote_losses = _gcs_losses(url)
+    local_losses = {s: loss for s, loss in _gcs_losses(local).items()}
+    assert sorted(remote_losses) == [1, 2, 3, 4]  # each step once, across the resume
+    for s in (1, 2, 3, 4):
+        assert remote_losses[s] == pytest.approx(local_losses[s], rel=1e-6), (s, remote_losses, local_losses)
+    print("gs:// run (2 + 2 steps) vs local (4 steps) losses:", remote_losses, local_losses)
+
+    sents = ["A man is playing a guitar.", "Un homme joue de la guitare.", "x"]
+    ours = SentenceEncoder.from_pretrained(url).encode(sents)
+    ref = SentenceEncoder.from_pretrained(local).encode(sents)
+    np.testing.assert_allclose(ours, ref, rtol=1e-6, atol=1e-6)
+
+
+def test_manifest_verification_on_gs_names_a_corrupted_file(gcs, tmp_path):
+    """A byte flipped in one object of a gs:// step: verify names that object, resume skips it."""
+    from mst5_jax.formats import manifest
+
+    step = tmp_path / "checkpoints" / "3"
+    (step / "params").mkdir(parents=True)
+    (step / "params" / "a.bin").write_bytes(b"\x00" * 100)
+    (step / "meta.json").write_text('{"step": 3}')
+    manifest.write(step)
+    fs.upload_dir(tmp_path / "checkpoints", f"{gcs}/checkpoints")
+    assert manifest.verify(f"{gcs}/checkpoints/3") == []
+    assert manifest.build(f"{gcs}/checkpoints/3") == manifest.build(step)
+    fs.as_path(f"{gcs}/checkpoints/3/params/a.bin").write_bytes(b"\x00" * 99 + b"\x01")
+    problems = manifest.verify(f"{gcs}/checkpoints/3")
+    assert len(problems) == 1 and problems[0].startswith(f"{gcs}/checkpoints/3/params/a.bin: sha256"), problems
+    assert manifest.newest_verified_step(f"{gcs}/checkpoints", quarantine=True) is None
+    moved = fs.list_files(f"{gcs}/checkpoints_rejected")
+    assert any(f.endswith("/params/a.bin") for f in moved) and not fs.list_files(f"{gcs}/checkpoints")
+
+
+def test_training_from_a_gs_pretrained_model_and_vocabulary(gcs, tiny_hf_model_dir, tmp_path, monkeypatch):
+    """LoRA on a gs:// PRETRAINED with a gs:// vocabulary equals the same run on the local files."""
+    import json
+
+    from mst5_jax import SentenceEncoder
+
+    monkeypatch.setenv("MST5_NO_SEQIO", "1")
+    fs.upload_dir(tiny_hf_model_dir, f"{gcs}/base")
+    lora = ["--gin.TRAIN_STEPS=2", "--gin.TrainConfig.model_overrides={}", "--gin.TrainConfig.lora=@LoRAConfig()",
+            "--gin.LoRAConfig.rank=4", "--gin.LoRAConfig.alpha=8", "--gin.LoRAConfig.targets=['q', 'v']"]
+    local, url = tmp_path / "local", f"{gcs}/run"
+    assert _train_cli(local, *lora, f"--gin.PRETRAINED='{tiny_hf_model_dir}'",
+                      f"--gin.TrainConfig.vocab='{pathlib.Path(tiny_hf_model_dir) / 'spiece.model'}'") == 0
+    assert _train_cli(url, *lora, f"--gin.PRETRAINED='{gcs}/base'",
+                      f"--gin.TrainConfig.vocab='{gcs}/base/spiece.model'") == 0
+    info = json.loads(fs.as_path(f"{url}/run.json").read_text())
+    assert info["mode"] == "lora" and info["base"]["path"] == f"{gcs}/base", info["base"]
+    remote_losses, local_losses = _gcs_losses(url), _gcs_losses(local)
+    assert sorted(remote_losses) == [1, 2]
+    for s in (1, 2):
+        assert remote_losses[s] == pytest.approx(local_losses[s], rel=1e-6), (s, remote_losses, local_losses)
+    ours = SentenceEncoder.from_pretrained(url).encode(SENTENCES)
+    ref = SentenceEncoder.from_pretrained(local).encode(SENTENCES)
+    np.testing.assert_allclose(ours, ref, rtol=1e-6, atol=1e-6)

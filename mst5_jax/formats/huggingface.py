@@ -34,6 +34,7 @@ import json
 import logging
 import os
 import pathlib
+import tempfile
 from typing import Any, Callable, Iterator, Optional
 
 import jax
@@ -381,8 +382,15 @@ def hf_state_dict(model: SentenceModel, dtype: Optional[str] = None) -> Iterator
             yield tname, value[i] if stacked else value
 
 
-def save_hf(model: SentenceModel, out_dir: str | os.PathLike, dtype: Optional[str] = None) -> pathlib.Path:
-    """Writes `config.json` + `model.safetensors` that `MT5EncoderModel.from_pretrained` loads."""
+def save_hf(model: SentenceModel, out_dir: str | os.PathLike, dtype: Optional[str] = None) -> fs.AnyPath:
+    """Writes `config.json` + `model.safetensors` that `MT5EncoderModel.from_pretrained` loads.
+
+    A ``gs://`` `out_dir` is written to a local temporary folder, then uploaded."""
+    if fs.is_remote(out_dir):
+        with tempfile.TemporaryDirectory(prefix="mst5-save-hf-") as tmp:
+            save_hf(model, tmp, dtype)
+            fs.upload_dir(tmp, out_dir)
+        return fs.as_path(out_dir)
     out = pathlib.Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     cfg = model.cfg

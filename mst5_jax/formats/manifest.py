@@ -18,17 +18,22 @@ from `newest_verified_step`: the newest step that verifies; newer steps that do 
 moved aside to ``MODEL_DIR/checkpoints_rejected/<step>-<unix time>`` (never deleted) and a
 warning names their bad files. A step without ``manifest.json`` (a crash between orbax's
 commit and the manifest write) is not trusted for resume.
+
+Step directories may be ``gs://`` URLs: files are listed, sized, hashed and moved through
+`mst5_jax.utils.fs` (on GCS orbax marks a finished step with ``commit_success.txt`` instead
+of a rename; a step it never finished has no manifest either, so resume skips it).
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
 import pathlib
-import shutil
 import time
 from typing import Iterable, Optional
+
+from mst5_jax.utils import files as files_lib
+from mst5_jax.utils import fs
 
 log = logging.getLogger(__name__)
 
@@ -37,7 +42,6 @@ FORMAT = "mst5-manifest/1"
 HASH_LIMIT_ENV = "MST5_MANIFEST_HASH_LIMIT_BYTES"
 DEFAULT_HASH_LIMIT = 1 << 30
 REJECTED_DIR = "checkpoints_rejected"
-_CHUNK = 1 << 22
 
 
 class CheckpointIntegrityError(ValueError):
@@ -67,82 +71,47 @@ def _barrier(name: str) -> None:
         multihost_utils.sync_global_devices(name)
 
 
-def _sha256(path: pathlib.Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(_CHUNK):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def _files(step_dir: pathlib.Path) -> list[tuple[str, pathlib.Path]]:
-    """(relative POSIX path, path) of every regular file below `step_dir`, sorted, manifest excluded."""
-    out = []
-    for dirpath, dirnames, filenames in os.walk(step_dir):
-        dirnames.sort()
-        for name in filenames:
-            p = pathlib.Path(dirpath) / name
-            rel = p.relative_to(step_dir).as_posix()
-            if rel in (MANIFEST, MANIFEST + ".tmp"):
-                continue
-            out.append((rel, p))
-    return sorted(out)
+def _file_sizes(step_dir: fs.AnyPath) -> dict[str, int]:
+    """{relative POSIX path: bytes} of every file below `step_dir`, sorted, manifests excluded
+    (also an `atomic_write` temporary of one)."""
+    return {rel: size for rel, size in fs.file_sizes(step_dir).items()
+            if rel not in (MANIFEST, MANIFEST + ".tmp") and not rel.startswith(f".{MANIFEST}.")}
 
 
 def build(step_dir: str | os.PathLike, hash_limit: Optional[int] = None) -> dict:
     """The manifest dict of `step_dir` (nothing is written)."""
-    step_dir = pathlib.Path(step_dir)
-    files = _files(step_dir)
-    sizes = {rel: p.stat().st_size for rel, p in files}
+    step_dir = fs.as_path(step_dir)
+    sizes = _file_sizes(step_dir)
     total = sum(sizes.values())
     hashed = total <= (hash_limit_bytes() if hash_limit is None else hash_limit)
     entries = {}
-    for rel, p in files:
-        e: dict = {"size": sizes[rel]}
+    for rel, size in sizes.items():
+        e: dict = {"size": size}
         if hashed:
-            e["sha256"] = _sha256(p)
+            e["sha256"] = files_lib.sha256_file(step_dir / rel)
         entries[rel] = e
     step = int(step_dir.name) if step_dir.name.isdigit() else None
     return {"format": FORMAT, "step": step, "total_bytes": total, "hashed": hashed, "files": entries}
 
 
-def write(step_dir: str | os.PathLike, hash_limit: Optional[int] = None) -> Optional[pathlib.Path]:
-    """Writes ``<step_dir>/manifest.json`` atomically (tmp, fsync, rename); process 0 only.
+def write(step_dir: str | os.PathLike, hash_limit: Optional[int] = None) -> Optional[fs.AnyPath]:
+    """Writes ``<step_dir>/manifest.json`` atomically (`mst5_jax.utils.files.atomic_write`);
+    process 0 only.
 
     Call it after orbax has committed the step (`RunCheckpoints.save` returned). Returns
     the manifest path, or None on processes other than 0.
     """
-    step_dir = pathlib.Path(step_dir)
+    step_dir = fs.as_path(step_dir)
     if not _is_primary():
         return None
     if not step_dir.is_dir():
         raise FileNotFoundError(f"{step_dir}: no committed checkpoint to write a manifest for")
     data = build(step_dir, hash_limit)
     path = step_dir / MANIFEST
-    tmp = step_dir / (MANIFEST + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(data, f, indent=1, sort_keys=True)
-        f.write("\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    _fsync_dir(step_dir)
+    files_lib.write_json_atomic(path, data, indent=1, sort_keys=True)
     log.info("wrote %s (%d files, %d bytes, sha256=%s)", path, len(data["files"]), data["total_bytes"],
              data["hashed"])
     return path
-
-
-def _fsync_dir(d: pathlib.Path) -> None:
-    try:
-        fd = os.open(d, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 def verify(step_dir: str | os.PathLike, require_manifest: bool = True) -> list[str]:
@@ -152,7 +121,7 @@ def verify(step_dir: str | os.PathLike, require_manifest: bool = True) -> list[s
     listed file exists with its size (and sha256 when recorded). Files not listed are
     ignored. Without a manifest: one problem when `require_manifest`, else [] (logged).
     """
-    step_dir = pathlib.Path(step_dir)
+    step_dir = fs.as_path(step_dir)
     path = step_dir / MANIFEST
     if not path.is_file():
         if require_manifest:
@@ -168,20 +137,21 @@ def verify(step_dir: str | os.PathLike, require_manifest: bool = True) -> list[s
     except (ValueError, KeyError, TypeError, UnicodeDecodeError) as e:
         return [f"{path}: unreadable manifest ({e})"]
     problems = []
+    present = fs.file_sizes(step_dir)
     for rel, entry in sorted(files.items()):
         p = step_dir / rel
         if ".." in pathlib.PurePosixPath(rel).parts or pathlib.PurePosixPath(rel).is_absolute():
             problems.append(f"{path}: entry {rel!r} is not a relative path inside the step")
             continue
-        if not p.is_file():
+        if rel not in present:
             problems.append(f"{p}: missing")
             continue
-        size = p.stat().st_size
+        size = present[rel]
         if size != entry.get("size"):
             problems.append(f"{p}: size {size} bytes, the manifest says {entry.get('size')}")
             continue
         if "sha256" in entry:
-            digest = _sha256(p)
+            digest = files_lib.sha256_file(p)
             if digest != entry["sha256"]:
                 problems.append(f"{p}: sha256 {digest[:16]}... does not match the manifest's {entry['sha256'][:16]}...")
     return problems
@@ -189,7 +159,7 @@ def verify(step_dir: str | os.PathLike, require_manifest: bool = True) -> list[s
 
 def committed_steps(checkpoints_dir: str | os.PathLike) -> list[int]:
     """Step numbers of the committed (digit-named) step directories, ascending."""
-    d = pathlib.Path(checkpoints_dir)
+    d = fs.as_path(checkpoints_dir)
     if not d.is_dir():
         return []
     return sorted(int(p.name) for p in d.iterdir() if p.is_dir() and p.name.isdigit())
@@ -205,7 +175,7 @@ def newest_verified_step(checkpoints_dir: str | os.PathLike, steps: Optional[Ite
     by process 0; all processes then meet at a barrier. Returns None when no step
     verifies (the caller starts from scratch; rejected steps are kept aside).
     """
-    d = pathlib.Path(checkpoints_dir)
+    d = fs.as_path(checkpoints_dir)
     if quarantine:
         _barrier("mst5_manifest_verify")  # every process lists the steps before any is moved
     steps = sorted(committed_steps(d) if steps is None else steps, reverse=True)
@@ -227,7 +197,7 @@ def newest_verified_step(checkpoints_dir: str | os.PathLike, steps: Optional[Ite
             target_root.mkdir(parents=True, exist_ok=True)
             for step in rejected:
                 target = target_root / f"{step}-{int(time.time())}"
-                shutil.move(str(d / str(step)), str(target))
+                fs.move(d / str(step), target)
                 log.warning("moved the unverified checkpoint %s to %s", d / str(step), target)
         _barrier("mst5_manifest_quarantine")
     return chosen

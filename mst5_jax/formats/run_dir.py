@@ -30,7 +30,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from flax import nnx
 
-from mst5_jax.utils import paths
+from mst5_jax.utils import files, fs, paths
 from mst5_jax.utils.files import sha256_file, write_json_atomic
 
 log = logging.getLogger(__name__)
@@ -146,15 +146,12 @@ def check_base(base_dir: str | os.PathLike, recorded: Optional[str], run_file: s
 
 
 # ---------------------------------------------------------------------- run metadata
-def write_run_info(model_dir: pathlib.Path, info: dict) -> None:
-    path = model_dir / RUN_FILE
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(info, indent=2, default=str) + "\n")
-    os.replace(tmp, path)
+def write_run_info(model_dir: str | os.PathLike, info: dict) -> None:
+    files.write_json_atomic(fs.as_path(model_dir) / RUN_FILE, info, default=str)
 
 
-def read_run_info(model_dir: pathlib.Path) -> dict:
-    path = pathlib.Path(model_dir) / RUN_FILE
+def read_run_info(model_dir: str | os.PathLike) -> dict:
+    path = fs.as_path(model_dir) / RUN_FILE
     if not path.is_file():
         raise FileNotFoundError(f"{path}: not a training run directory (run.json is missing)")
     return json.loads(path.read_text())
@@ -175,7 +172,7 @@ class RunCheckpoints:
                  best_mode: str = "max", async_save: bool = False):
         from orbax.checkpoint import checkpoint_managers as cm
 
-        self.directory = pathlib.Path(directory).absolute()
+        self.directory = fs.absolute(directory)
         self.best_metric = best_metric
         policies = [cm.LatestN(n=keep)]
         if best_metric:
@@ -243,7 +240,7 @@ def load_run_model(model_dir: str | os.PathLike, step: str | int = "latest", dty
     from mst5_jax.core.model import abstract_model
     from mst5_jax.formats.tokenizer import Tokenizer
 
-    model_dir = pathlib.Path(model_dir)
+    model_dir = fs.absolute(model_dir)
     info = read_run_info(model_dir)
     cfg_fields = {f.name for f in dataclasses.fields(EncoderConfig)}
     cfg = EncoderConfig(**{k: v for k, v in info["encoder_config"].items() if k in cfg_fields})
@@ -272,7 +269,7 @@ def load_run_model(model_dir: str | os.PathLike, step: str | int = "latest", dty
                                     " (or none that matches its manifest; see the warnings)")
         if info["mode"] == "lora":
             base = info["base"]
-            base_dir = model_dir / base["path"] if base.get("random_init") else pathlib.Path(base["path"])
+            base_dir = model_dir / base["path"] if base.get("random_init") else base["path"]
             base_dir = huggingface.resolve_model_dir(base_dir)
             check_base(base_dir, base.get("fingerprint"), model_dir / RUN_FILE)
             model = huggingface.load_hf_weights(base_dir, cfg)

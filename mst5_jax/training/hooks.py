@@ -36,6 +36,7 @@ from mst5_jax.formats import huggingface
 from mst5_jax.inference.encoder import SentenceEncoder, truncation_summary
 from mst5_jax.formats import manifest, run_dir
 from mst5_jax.training.optimizer import make_schedule
+from mst5_jax.utils import fs
 from mst5_jax.utils.files import write_text_atomic
 
 log = logging.getLogger("mst5_jax.train")
@@ -66,10 +67,14 @@ class Hook:
 
 # ---------------------------------------------------------------------- metrics
 class MetricsWriter:
-    """Appends one JSON object per line to MODEL_DIR/metrics.jsonl (flushed each write)."""
+    """Appends one JSON object per line to MODEL_DIR/metrics.jsonl (flushed each write).
 
-    def __init__(self, path: pathlib.Path, tensorboard: bool = False):
+    A GCS object cannot be appended to: on ``gs://`` the file's text is kept here and the
+    whole object is rewritten at each record (one small upload per logged step)."""
+
+    def __init__(self, path: fs.AnyPath, tensorboard: bool = False):
         self.path = path
+        self._remote_text: Optional[str] = None
         self._tb = None
         if tensorboard:
             try:
@@ -80,8 +85,15 @@ class MetricsWriter:
                 log.warning("TensorBoard logging needs tensorboardX; writing metrics.jsonl only")
 
     def write(self, record: dict) -> None:
-        with open(self.path, "a", encoding="utf-8") as f:
-            f.write(json.dumps(record) + "\n")
+        line = json.dumps(record) + "\n"
+        if fs.is_remote(self.path):
+            if self._remote_text is None:
+                self._remote_text = self.path.read_text(encoding="utf-8") if self.path.is_file() else ""
+            self._remote_text += line
+            write_text_atomic(self.path, self._remote_text)
+        else:
+            with open(self.path, "a", encoding="utf-8") as f:
+                f.write(line)
         if self._tb is not None:
             for k, v in record.items():
                 if isinstance(v, (int, float)) and k != "step":

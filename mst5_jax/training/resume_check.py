@@ -27,10 +27,10 @@ from __future__ import annotations
 import datetime
 import json
 import logging
-import os
 import pathlib
-from typing import Any, Iterable, Optional, Sequence
+from typing import Any, Iterable, Sequence
 
+from mst5_jax.utils import files, fs
 from mst5_jax.utils.cli import UserError
 
 log = logging.getLogger("mst5_jax.train")
@@ -142,20 +142,24 @@ def append_history(model_dir: pathlib.Path, changes: Sequence[dict]) -> None:
     if not changes:
         return
     now = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
-    with open(model_dir / HISTORY_FILE, "a", encoding="utf-8") as f:
-        for c in changes:
-            f.write(json.dumps({"time": now, **c}) + "\n")
-        f.flush()
-        os.fsync(f.fileno())
+    path = fs.as_path(model_dir) / HISTORY_FILE
+    old = path.read_text(encoding="utf-8") if path.exists() else ""  # objects cannot be appended to
+    files.write_text_atomic(path, old + "".join(json.dumps({"time": now, **c}) + "\n" for c in changes))
 
 
 def keep_operative_config(model_dir: pathlib.Path, text: str) -> pathlib.Path:
     """Writes this attempt's operative config next to the earlier ones, overwriting none:
     operative_config.gin for the first attempt, operative_config.<n>.gin for attempt n >= 2."""
-    model_dir = pathlib.Path(model_dir)
+    model_dir = fs.as_path(model_dir)
     n = 1
     while True:
         path = model_dir / (OPERATIVE_CONFIG if n == 1 else f"operative_config.{n}.gin")
+        if fs.is_remote(path):  # an object store has no exclusive create; the run lock serialises writers
+            if not path.exists():
+                files.write_text_atomic(path, text)
+                return path
+            n += 1
+            continue
         try:
             with open(path, "x", encoding="utf-8") as f:  # exclusive: never replaces an attempt's file
                 f.write(text)

@@ -29,6 +29,7 @@ import socket
 import sys
 from typing import Optional
 
+from mst5_jax.utils import files, fs
 from mst5_jax.utils.cli import UserError
 
 log = logging.getLogger("mst5_jax.train")
@@ -85,14 +86,14 @@ class RunLock:
           UserError: a live process (or this one, through another Trainer) holds the lock,
             or a process on another host does; the message names host, pid and start time.
         """
-        path = pathlib.Path(model_dir) / LOCK_FILE
+        path = fs.as_path(model_dir) / LOCK_FILE
         pid = os.getpid()
         content = {"host": socket.gethostname(), "pid": pid, "proc_start": _proc_start(pid),
                    "since": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
                    "command": command if command is not None else " ".join([sys.executable, *sys.argv])}
         for _ in range(3):  # a lost race against another taker of the same stale lock: look again
             if cls._create(path, content):
-                _held.add(str(path.absolute()))
+                _held.add(str(path))
                 lock = cls(path, content)
                 atexit.register(lock.release)  # a Trainer built and never run still lets go at exit
                 return lock
@@ -108,7 +109,7 @@ class RunLock:
             log.warning("%s: taking over a stale lock (%s): %s", path, reason, describe(holder))
             stale = path.with_name(f"{LOCK_FILE}.stale-{pid}")
             try:
-                os.replace(path, stale)  # atomic: of two takers, one moves it and the other retries
+                fs.move(path, stale)  # local: atomic, of two takers one moves it and the other retries
             except FileNotFoundError:
                 continue
             stale.unlink(missing_ok=True)
@@ -116,7 +117,16 @@ class RunLock:
 
     @staticmethod
     def _create(path: pathlib.Path, content: dict) -> bool:
-        """Writes the lock with its content in one step; False if it exists."""
+        """Writes the lock with its content in one step; False if it exists.
+
+        On an object store (gs://) there is no exclusive create through gcsfs: the lock is
+        checked, then written, so two trainers started within the same second may both pass.
+        """
+        if fs.is_remote(path):
+            if path.exists():
+                return False
+            files.write_text_atomic(path, json.dumps(content) + "\n")
+            return True
         tmp = path.with_name(f"{LOCK_FILE}.tmp-{os.getpid()}")
         tmp.write_text(json.dumps(content) + "\n")
         try:
@@ -157,7 +167,7 @@ class RunLock:
         if pid == os.getpid():
             # Ours: held by a live Trainer of this process (refuse), or left by one that was
             # built and never run or closed (stale).
-            return None if str(path.absolute()) in _held else "left by this process"
+            return None if str(path) in _held else "left by this process"
         if not _pid_alive(pid):
             return f"pid {pid} is not running"
         recorded, now = holder.get("proc_start"), _proc_start(pid)

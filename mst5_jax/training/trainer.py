@@ -12,9 +12,7 @@ around a step is a hook, so a test or a new feature adds a hook instead of editi
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
-import pathlib
 from typing import Any, Optional, Sequence
 
 import jax
@@ -43,7 +41,7 @@ from mst5_jax.training import resume_check
 from mst5_jax.training.optimizer import make_optimizer
 from mst5_jax.training.run_lock import RunLock
 from mst5_jax.training.run_config import TrainConfig, encoder_config
-from mst5_jax.utils import paths
+from mst5_jax.utils import files, fs, paths
 from tasks.pipeline import TripletIterator
 
 log = logging.getLogger("mst5_jax.train")
@@ -73,7 +71,7 @@ class Trainer:
             jax.config.update("jax_compilation_cache_dir", cfg.compilation_cache_dir)
         self.cfg = cfg
         self.primary = jax.process_index() == 0  # shared files (run.json, metrics, summary) are written once
-        self.model_dir = pathlib.Path(cfg.model_dir).absolute()
+        self.model_dir = fs.absolute(cfg.model_dir)  # a gs:// URL stays one
         self.model_dir.mkdir(parents=True, exist_ok=True)
         self.data_dir = paths.resolve_data_dir(cfg.data_dir)
         self.stop_requested = False
@@ -144,7 +142,9 @@ class Trainer:
         if cfg.pretrained:
             base_dir = huggingface.resolve_model_dir(cfg.pretrained)
             model = huggingface.load_hf_weights(base_dir, enc)
-            self.base_info = {"path": str(base_dir), "fingerprint": run_dir.fingerprint(base_dir)}
+            # a gs:// base is recorded by its URL, not by this machine's staged copy
+            self.base_info = {"path": cfg.pretrained if fs.is_remote(cfg.pretrained) else str(base_dir),
+                              "fingerprint": run_dir.fingerprint(base_dir)}
         else:
             model = init_model(enc, seed=cfg.seed)
             # A LoRA resume rebuilds this frozen base from the seed: the seed is part of it.
@@ -276,7 +276,7 @@ class Trainer:
             finally:
                 self._restore_signals()
             if self.primary:
-                (self.model_dir / "summary.json").write_text(json.dumps(self.summary, indent=2, default=str) + "\n")
+                files.write_json_atomic(self.model_dir / "summary.json", self.summary, default=str)
         finally:
             self.release_lock()
         return self.summary

@@ -25,6 +25,9 @@
   need real files (safetensors is memory-mapped), refreshed when the objects change, the
   way a hub download is cached. A local path is passed through unchanged.
 - `upload_dir`: a local folder's files copied under a ``gs://`` prefix.
+- `absolute`, `file_sizes`, `move`: what a run directory needs beyond reading and writing
+  files (an absolute MODEL_DIR, a checkpoint step's file list with sizes, moving a rejected
+  step aside), for both kinds of path.
 
 gcsfs is imported only when a ``gs://`` path is used (the ``[gcs]`` extra).
 """
@@ -82,6 +85,11 @@ def configure() -> None:
     if state == _configured:
         return
     _export("EPATH_USE_TF", "false")
+    # epath caches "is TensorFlow installed" (read with EPATH_USE_TF) at its first path of any
+    # kind, e.g. orbax saving a local checkpoint before this process saw a gs:// path
+    cached_tf_check = getattr(epath.gpath, "_is_tf_installed", None)
+    if hasattr(cached_tf_check, "cache_clear"):
+        cached_tf_check.cache_clear()
     url = (emulator if "://" in emulator else f"http://{emulator}") if emulator else None
     _export(TENSORSTORE_URL_ENV, url)
     _export(TENSORSTORE_TOKEN_ENV, "emulator" if emulator else None)
@@ -130,6 +138,13 @@ def _set_gcsfs_options(emulator: str) -> None:
     cached = getattr(type(backend.fsspec_backend)._get_filesystem, "cache_clear", None)
     if cached is not None:
         cached()
+
+
+def absolute(path: PathLike) -> AnyPath:
+    """`as_path(path)`, made absolute when local (epath's ``absolute()`` would turn a URL into
+    ``<cwd>/gs:/...``)."""
+    p = as_path(path)
+    return p if is_remote(p) else p.absolute()
 
 
 def resolved(path: PathLike) -> str:
@@ -221,6 +236,33 @@ def list_files(directory: PathLike) -> list[str]:
     url = os.fspath(directory).rstrip("/")
     prefix = url.removeprefix("gs://") + "/"
     return sorted(k.removeprefix(prefix) for k in _gcs().find(url) if k.startswith(prefix))
+
+
+def file_sizes(directory: PathLike) -> dict[str, int]:
+    """{relative posix path: size in bytes} of every file under `directory`, recursively
+    (one listing request for ``gs://``)."""
+    if not is_remote(directory):
+        d = pathlib.Path(directory)
+        return {f.relative_to(d).as_posix(): f.stat().st_size for f in sorted(d.rglob("*")) if f.is_file()}
+    url = os.fspath(directory).rstrip("/")
+    prefix = url.removeprefix("gs://") + "/"
+    found = _gcs().find(url, detail=True)
+    return {k.removeprefix(prefix): int(info["size"]) for k, info in sorted(found.items()) if k.startswith(prefix)}
+
+
+def move(src: PathLike, dst: PathLike) -> None:
+    """Moves a file or directory; for ``gs://`` every object under `src` is copied to `dst`,
+    then deleted (GCS has no rename)."""
+    if is_remote(src) != is_remote(dst):
+        raise ValueError(f"move {os.fspath(src)} -> {os.fspath(dst)}: both must be local or both gs://")
+    if is_remote(src):
+        # copy + delete: gcsfs's mv tries the moveTo API first, and its retries on a server
+        # without it (the emulator, some regions) cost ~30 s before the same fallback
+        gcs = _gcs()
+        gcs.copy(os.fspath(src).rstrip("/"), os.fspath(dst).rstrip("/"), recursive=True)
+        gcs.rm(os.fspath(src).rstrip("/"), recursive=True)
+    else:
+        shutil.move(os.fspath(src), os.fspath(dst))
 
 
 def _gcs():
