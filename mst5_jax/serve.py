@@ -22,7 +22,6 @@ from typing import Optional, Sequence
 import jax
 
 from mst5_jax.inference.encoder import SentenceEncoder
-from mst5_jax.inference.server import ServeSettings, create_app
 from mst5_jax.utils import cli
 
 log = logging.getLogger("mst5_jax.serve")
@@ -58,7 +57,8 @@ def build_parser() -> argparse.ArgumentParser:
 def _serve(args: argparse.Namespace) -> int:
     try:
         import uvicorn  # noqa: PLC0415 (optional: [serve] extra)
-        import fastapi  # noqa: F401, PLC0415
+
+        from mst5_jax.inference.server import ServeSettings, create_app  # noqa: PLC0415 (needs fastapi)
     except ImportError as e:
         raise cli.UserError(f"{e}; install the server extra: pip install -e '.[serve]'") from None
     settings = ServeSettings(

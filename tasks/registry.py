@@ -16,7 +16,6 @@ Splits are ``train`` and ``validation``; which files they read is `settings.trai
 from __future__ import annotations
 
 import dataclasses
-import functools
 import logging
 import pathlib
 from typing import Callable, Optional, Sequence

@@ -29,7 +29,6 @@ import json
 import logging
 import os
 import pathlib
-import sys
 from typing import Iterator, Optional, Sequence
 
 from mst5_jax.datasets import xnli

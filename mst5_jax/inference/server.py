@@ -13,8 +13,8 @@
 Errors are JSON, ``{"error": {"message", "type", "param", "code", "limit"?}}``: 400 bad input
 or content type, 401 a missing/wrong API key, 413 a limit (``limit`` names it), 429 a full
 queue (with ``Retry-After``), 500 an internal error of that request's batch only. The server
-never opens a path taken from a request. FastAPI is an optional dependency (the ``[serve]``
-extra), so it is imported inside `create_app`.
+never opens a path taken from a request. FastAPI and uvicorn come with the ``[serve]`` extra;
+`python -m mst5_jax.serve` says so when they are missing.
 """
 
 import asyncio
@@ -25,9 +25,13 @@ import json
 import logging
 import threading
 import time
+from contextlib import asynccontextmanager
 from typing import Any, Optional
 
 import numpy as np
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response
+from starlette.concurrency import run_in_threadpool
 
 from mst5_jax.inference.batcher import Batcher, Job, QueueFull
 from mst5_jax.inference.encoder import SentenceEncoder
@@ -130,72 +134,53 @@ def _inputs(body: Any, key: str, settings: ServeSettings) -> list[str]:
     return items
 
 
-def create_app(encoder: SentenceEncoder, settings: ServeSettings, *, warm_in_background: bool = True):
-    """The FastAPI app. Its lifespan compiles every bucket shape (then /health turns 200),
-    runs the batching worker, and on shutdown lets queued work finish before returning."""
-    from contextlib import asynccontextmanager  # noqa: PLC0415
+class _Service:
+    """The server's state and its request handlers; `create_app` wires them to routes."""
 
-    from fastapi import FastAPI, Request  # noqa: PLC0415 (optional: [serve] extra)
-    from fastapi.responses import JSONResponse, Response  # noqa: PLC0415
-    from starlette.concurrency import run_in_threadpool  # noqa: PLC0415
+    ROUTES = ("/v1/embeddings", "/embed", "/health", "/metrics")
 
-    settings.check()
-    metrics = _Metrics()
-    batcher = Batcher(encoder, max_length=settings.max_length, max_batch_tokens=settings.max_batch_tokens,
-                      max_wait_ms=settings.max_wait_ms, max_queue=settings.max_queue, on_batch=metrics.on_batch)
-    ready = threading.Event()
-    dim = encoder.config.embedding_dim
+    def __init__(self, encoder: SentenceEncoder, settings: ServeSettings):
+        settings.check()
+        self.encoder, self.settings = encoder, settings
+        self.metrics = _Metrics()
+        self.batcher = Batcher(encoder, max_length=settings.max_length, max_batch_tokens=settings.max_batch_tokens,
+                               max_wait_ms=settings.max_wait_ms, max_queue=settings.max_queue,
+                               on_batch=self.metrics.on_batch)
+        self.ready = threading.Event()
+        self.dim = encoder.config.embedding_dim
 
-    def warm() -> None:
+    def warm(self) -> None:
+        """Compiles every bucket shape once; /health answers 200 from then on."""
         t0 = time.perf_counter()
-        shapes = encoder.warmup(settings.max_length, settings.max_batch_tokens)
+        shapes = self.encoder.warmup(self.settings.max_length, self.settings.max_batch_tokens)
         log.info("serve: compiled %d bucket shapes in %.1f s; ready", len(shapes), time.perf_counter() - t0)
-        ready.set()
+        self.ready.set()
 
-    @asynccontextmanager
-    async def lifespan(app):
-        batcher.start()
-        warmer = threading.Thread(target=warm, name="mst5-warmup", daemon=True)
-        warmer.start()
-        if not warm_in_background:
-            await run_in_threadpool(warmer.join)
-        try:
-            yield
-        finally:
-            await run_in_threadpool(batcher.stop)
-
-    app = FastAPI(title="mst5_jax embeddings", lifespan=lifespan)
-    app.state.batcher, app.state.metrics, app.state.ready = batcher, metrics, ready
-
-    @app.exception_handler(ApiError)
-    async def _api_error(request: Request, exc: ApiError):
-        return JSONResponse(exc.body(), status_code=exc.status, headers=exc.headers)
-
-    @app.middleware("http")
-    async def _observe(request: Request, call_next):
+    async def observe(self, request: Request, call_next):
+        """Middleware: the API key check, request counts and latency, and a 500 for a handler's bug."""
         t0 = time.perf_counter()
-        route = request.url.path if request.url.path in ("/v1/embeddings", "/embed", "/health", "/metrics") else "other"
-        if settings.api_key is not None and route in ("/v1/embeddings", "/embed", "/metrics"):
+        route = request.url.path if request.url.path in self.ROUTES else "other"
+        if self.settings.api_key is not None and route in ("/v1/embeddings", "/embed", "/metrics"):
             given = request.headers.get("authorization", "")
-            if not hmac.compare_digest(given.encode(), f"Bearer {settings.api_key}".encode()):
-                resp = JSONResponse(ApiError(401, "missing or wrong API key: send 'Authorization: Bearer <key>'").body(),
+            if not hmac.compare_digest(given.encode(), f"Bearer {self.settings.api_key}".encode()):
+                self.metrics.requests.labels(route, "401").inc()
+                return JSONResponse(ApiError(401, "missing or wrong API key: send 'Authorization: Bearer <key>'").body(),
                                     status_code=401, headers={"WWW-Authenticate": "Bearer"})
-                metrics.requests.labels(route, "401").inc()
-                return resp
         try:
             resp = await call_next(request)
         except Exception:
             log.exception("serve: unhandled error on %s", route)
             resp = JSONResponse(ApiError(500, "internal error").body(), status_code=500)
-        metrics.requests.labels(route, str(resp.status_code)).inc()
-        metrics.latency.labels(route).observe(time.perf_counter() - t0)
+        self.metrics.requests.labels(route, str(resp.status_code)).inc()
+        self.metrics.latency.labels(route).observe(time.perf_counter() - t0)
         return resp
 
-    async def _body(request: Request) -> Any:
+    async def body(self, request: Request) -> Any:
+        """The JSON body; 400 for a wrong content type or invalid JSON, 413 over the size limit."""
         ctype = request.headers.get("content-type", "")
         if ctype.split(";")[0].strip().lower() != "application/json":
             raise ApiError(400, f"Content-Type must be application/json, got {ctype or 'none'!r}")
-        limit = settings.max_inputs * (settings.max_input_chars * 6 + 8) + 4096
+        limit = self.settings.max_inputs * (self.settings.max_input_chars * 6 + 8) + 4096
         raw = await request.body()
         if len(raw) > limit:
             raise ApiError(413, f"request body is {len(raw)} bytes, more than max_inputs x max_input_chars allows "
@@ -205,88 +190,121 @@ def create_app(encoder: SentenceEncoder, settings: ServeSettings, *, warm_in_bac
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise ApiError(400, f"the request body is not valid JSON: {e}") from None
 
-    async def _embed(texts: list[str]) -> tuple[np.ndarray, int]:
+    async def embed(self, texts: list[str]) -> tuple[np.ndarray, int]:
         """float32 [n, d] embeddings of `texts` and their token count."""
-        ids, truncated = await run_in_threadpool(
-            encoder.tokenizer.encode_batch_counted, texts, settings.max_length)
+        settings = self.settings
+        ids, truncated = await run_in_threadpool(self.encoder.tokenizer.encode_batch_counted, texts,
+                                                 settings.max_length)
         tokens = sum(len(x) for x in ids)
-        if not settings.batching:
-            out, _ = await run_in_threadpool(encoder.encode_ids, ids, settings.max_length, settings.max_batch_tokens)
+        if settings.batching:
+            out = await self._batched(ids)
         else:
-            loop = asyncio.get_running_loop()
-            future: asyncio.Future = loop.create_future()
-
-            def done(job: Job) -> None:
-                def settle():
-                    if not future.done():
-                        future.set_result(job)
-                loop.call_soon_threadsafe(settle)
-
-            job = Job(ids, dim, done)
-            try:
-                batcher.submit(job)
-            except QueueFull as e:
-                raise ApiError(429, f"the queue is full ({e}); retry shortly", limit="max_queue",
-                               headers={"Retry-After": "1"}) from None
-            metrics.queue_depth.set(batcher.depth)
-            try:
-                await future
-            except asyncio.CancelledError:  # the client went away: drop its queued sentences
-                job.cancelled = True
-                raise
-            metrics.queue_depth.set(batcher.depth)
-            if job.error is not None:
-                log.error("serve: request failed in its batch: %r", job.error)
-                raise ApiError(500, "internal error while encoding this request's batch")
-            out = job.out
-        metrics.sentences.inc(len(texts))
-        metrics.tokens.inc(tokens)
-        metrics.truncated.inc(truncated)
+            out, _ = await run_in_threadpool(self.encoder.encode_ids, ids, settings.max_length,
+                                             settings.max_batch_tokens)
+        self.metrics.sentences.inc(len(texts))
+        self.metrics.tokens.inc(tokens)
+        self.metrics.truncated.inc(truncated)
         return out, tokens
 
-    @app.post("/v1/embeddings")
-    async def openai_embeddings(request: Request):
-        body = await _body(request)
-        texts = _inputs(body, "input", settings)
+    async def _batched(self, ids: list) -> np.ndarray:
+        """Queues one request's token ids for the batching worker and waits for its rows."""
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future = loop.create_future()
+
+        def done(job: Job) -> None:
+            loop.call_soon_threadsafe(lambda: future.done() or future.set_result(job))
+
+        job = Job(ids, self.dim, done)
+        try:
+            self.batcher.submit(job)
+        except QueueFull as e:
+            raise ApiError(429, f"the queue is full ({e}); retry shortly", limit="max_queue",
+                           headers={"Retry-After": "1"}) from None
+        self.metrics.queue_depth.set(self.batcher.depth)
+        try:
+            await future
+        except asyncio.CancelledError:  # the client went away: drop its queued sentences
+            job.cancelled = True
+            raise
+        self.metrics.queue_depth.set(self.batcher.depth)
+        if job.error is not None:
+            log.error("serve: request failed in its batch: %r", job.error)
+            raise ApiError(500, "internal error while encoding this request's batch")
+        return job.out
+
+    async def openai_embeddings(self, request: Request):
+        """POST /v1/embeddings, OpenAI's request and response shape."""
+        body = await self.body(request)
+        texts = _inputs(body, "input", self.settings)
         fmt = body.get("encoding_format", "float")
         if fmt not in ("float", "base64"):
             raise ApiError(400, f"encoding_format={fmt!r}: expected 'float' or 'base64'", param="encoding_format")
         dims = body.get("dimensions")
-        if dims is not None and dims != dim:
-            raise ApiError(400, f"dimensions={dims!r}: this model only returns its full width, {dim}; "
+        if dims is not None and dims != self.dim:
+            raise ApiError(400, f"dimensions={dims!r}: this model only returns its full width, {self.dim}; "
                            "omit 'dimensions' or send it equal to the width", param="dimensions")
-        model = body.get("model", settings.model_name)
-        emb, tokens = await _embed(texts)
+        model = body.get("model", self.settings.model_name)
+        emb, tokens = await self.embed(texts)
         if fmt == "base64":
             rows = [base64.b64encode(e.astype("<f4").tobytes()).decode("ascii") for e in emb]
         else:
             rows = emb.tolist()
-        return {"object": "list", "model": model if isinstance(model, str) else settings.model_name,
+        return {"object": "list", "model": model if isinstance(model, str) else self.settings.model_name,
                 "data": [{"object": "embedding", "index": i, "embedding": r} for i, r in enumerate(rows)],
                 "usage": {"prompt_tokens": tokens, "total_tokens": tokens}}
 
-    @app.post("/embed")
-    async def tei_embed(request: Request):
-        body = await _body(request)
-        texts = _inputs(body, "inputs", settings)
+    async def tei_embed(self, request: Request):
+        """POST /embed, text-embeddings-inference's shape: {"inputs": [...], "normalize": bool}."""
+        body = await self.body(request)
+        texts = _inputs(body, "inputs", self.settings)
         normalize = body.get("normalize", True)
         if not isinstance(normalize, bool):
             raise ApiError(400, f"normalize={normalize!r}: expected true or false", param="normalize")
-        emb, _ = await _embed(texts)
+        emb, _ = await self.embed(texts)
         if normalize:
             emb = emb / np.maximum(np.linalg.norm(emb, axis=1, keepdims=True), 1e-12)
         return emb.tolist()
 
-    @app.get("/health")
-    async def health():
-        if not ready.is_set():
-            return JSONResponse({"status": "warming up", "compiled_shapes": len(encoder.compiled_shapes)},
+    async def health(self):
+        """GET /health: 503 while bucket shapes compile, then 200."""
+        if not self.ready.is_set():
+            return JSONResponse({"status": "warming up", "compiled_shapes": len(self.encoder.compiled_shapes)},
                                 status_code=503, headers={"Retry-After": "1"})
-        return {"status": "ok", "compiled_shapes": len(encoder.compiled_shapes), "devices": encoder.num_devices}
+        return {"status": "ok", "compiled_shapes": len(self.encoder.compiled_shapes),
+                "devices": self.encoder.num_devices}
 
-    @app.get("/metrics")
-    async def prometheus():
-        metrics.queue_depth.set(batcher.depth)
-        return Response(metrics.render(), media_type=metrics.content_type)
+    async def prometheus(self):
+        """GET /metrics, Prometheus text format."""
+        self.metrics.queue_depth.set(self.batcher.depth)
+        return Response(self.metrics.render(), media_type=self.metrics.content_type)
 
+
+def create_app(encoder: SentenceEncoder, settings: ServeSettings, *, warm_in_background: bool = True):
+    """The FastAPI app. Its lifespan compiles every bucket shape (then /health turns 200),
+    runs the batching worker, and on shutdown lets queued work finish before returning."""
+    service = _Service(encoder, settings)
+
+    @asynccontextmanager
+    async def lifespan(app):
+        service.batcher.start()
+        warmer = threading.Thread(target=service.warm, name="mst5-warmup", daemon=True)
+        warmer.start()
+        if not warm_in_background:
+            await run_in_threadpool(warmer.join)
+        try:
+            yield
+        finally:
+            await run_in_threadpool(service.batcher.stop)
+
+    async def api_error(request: Request, exc: ApiError):
+        return JSONResponse(exc.body(), status_code=exc.status, headers=exc.headers)
+
+    app = FastAPI(title="mst5_jax embeddings", lifespan=lifespan)
+    app.state.batcher, app.state.metrics, app.state.ready = service.batcher, service.metrics, service.ready
+    app.add_exception_handler(ApiError, api_error)
+    app.middleware("http")(service.observe)
+    app.add_api_route("/v1/embeddings", service.openai_embeddings, methods=["POST"])
+    app.add_api_route("/embed", service.tei_embed, methods=["POST"])
+    app.add_api_route("/health", service.health, methods=["GET"])
+    app.add_api_route("/metrics", service.prometheus, methods=["GET"])
     return app

@@ -7,7 +7,6 @@ are an estimate (documented in `activation_bytes`).
 """
 from __future__ import annotations
 
-import dataclasses
 from typing import Any
 
 import jax
