@@ -66,7 +66,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", force=True)
     for noisy in ("absl", "jax._src.xla_bridge", "orbax"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
-    # Training reads data through the TF-free numpy path; skip seqio's TensorFlow import.
+    # Gin parsing imports `tasks`: keep TensorFlow out of that (and out of --dry_run). The
+    # trainer imports seqio itself when DATA_PIPELINE resolves to it; a user's own
+    # MST5_NO_SEQIO=1 stays and makes 'auto' read through numpy.
+    user_no_seqio = "MST5_NO_SEQIO" in os.environ
     os.environ.setdefault("MST5_NO_SEQIO", "1")
     cfg = parse_gin(args.gin_file, bindings)
     configure_tasks()  # applies tasks.configure bindings (e.g. train_source='xnli_mt')
@@ -78,6 +81,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print(json.dumps(config_check.check(cfg), indent=2))
         return 0
     from mst5_jax.training.trainer import Trainer  # imports `tasks`: after MST5_NO_SEQIO is set
+
+    if not user_no_seqio:
+        os.environ.pop("MST5_NO_SEQIO", None)
 
     fault = FaultHook.from_env()
     pathlib.Path(cfg.model_dir).mkdir(parents=True, exist_ok=True)
