@@ -101,6 +101,7 @@ class TripletSeqioMixture(seqio.Mixture):
     offsets each task's group ids as the numpy concatenation does."""
 
     def get_dataset(self, *args, passthrough_features=None, **kwargs):
+        self._offsets: dict = {}  # (split, seed) -> registry.mixture_group_offsets, for this call
         return super().get_dataset(*args, passthrough_features=list(passthrough_features or []) + ["group_id"],
                                    **kwargs)
 
@@ -108,8 +109,11 @@ class TripletSeqioMixture(seqio.Mixture):
                          *args, **kwargs):
         ds = super().get_task_dataset(task, output_feature_keys, sequence_length, split, use_cached, shuffle, seed,
                                       *args, **kwargs)
-        offset = registry.mixture_group_offsets(self.name, split, settings.resolve_data_dir(),
-                                                0 if seed is None else int(seed))[task.name]
+        key = (split, 0 if seed is None else int(seed))
+        cache = self.__dict__.setdefault("_offsets", {})
+        if key not in cache:
+            cache[key] = registry.mixture_group_offsets(self.name, split, settings.resolve_data_dir(), key[1])
+        offset = cache[key][task.name]
         if not offset:
             return ds
         return ds.map(lambda ex: {**ex, "group_id": ex["group_id"] + offset})
