@@ -12,7 +12,7 @@ import pytest
 
 from mst5_jax.training import gin_utils, trainer
 from mst5_jax.training.hooks import Hook
-from tasks import pipeline
+from tasks import train_data as pipeline
 
 TINY = ["MIN_HELDOUT_GAIN=0", "TrainConfig.heldout_eval=False", "MIXTURE_OR_TASK_NAME='mst5_xnli_cross'",
         "BATCH_SIZE=8", "MAX_LENGTH=16", "TRAIN_STEPS=4", "SCHEDULE_STEPS=4", "CHECKPOINT_EVERY=2", "LOG_EVERY=1",

@@ -43,7 +43,8 @@ from mst5_jax.training.hooks import (
 from mst5_jax.training.optimizer import make_optimizer
 from mst5_jax.training.run_config import TrainConfig, encoder_config
 from mst5_jax.utils import paths
-from tasks.pipeline import TripletIterator, make_train_iterator
+from tasks.pipeline import TripletIterator
+from tasks.train_data import make_train_iterator
 
 log = logging.getLogger("mst5_jax.train")
 
