@@ -87,7 +87,10 @@ def _train(args: argparse.Namespace, bindings: list[str]) -> int:
     distributed = None
     if not args.dry_run:  # before anything touches a device; a dry run uses an AbstractMesh only
         distributed = multiprocess.initialize(args)
-    # Training reads data through the TF-free numpy path; skip seqio's TensorFlow import.
+    # Gin parsing imports `tasks`: keep TensorFlow out of that (and out of --dry_run). The
+    # trainer imports seqio itself when DATA_PIPELINE resolves to it; a user's own
+    # MST5_NO_SEQIO=1 stays and makes 'auto' read through numpy.
+    user_no_seqio = "MST5_NO_SEQIO" in os.environ
     os.environ.setdefault("MST5_NO_SEQIO", "1")
     cfg = parse_gin(args.gin_file, bindings)
     configure_tasks()  # applies tasks.configure bindings (e.g. train_source='xnli_mt')
@@ -99,6 +102,9 @@ def _train(args: argparse.Namespace, bindings: list[str]) -> int:
         print(json.dumps(config_check.check(cfg), indent=2))
         return 0
     from mst5_jax.training.trainer import Trainer  # imports `tasks`: after MST5_NO_SEQIO is set
+
+    if not user_no_seqio:
+        os.environ.pop("MST5_NO_SEQIO", None)
 
     fault = FaultHook.from_env()
     try:

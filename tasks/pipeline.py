@@ -132,3 +132,4 @@ class TripletIterator:
             raise ValueError(f"state {dict(state)} is global position {position}, which belongs to host "
                              f"{position % self.num_shards}, not host {self.shard_index} of {self.num_shards}")
         self._position = position
+

@@ -10,6 +10,9 @@ shuffles the union). Names registered here:
 * ``mst5_nli_en_xnli``: the offline English set from XNLI (its own name, never a fallback).
 * mixture ``mst5_msimcse_cross_all`` = ``mst5_xnli_cross`` + ``mst5_nli_en``.
 * ``mst5_xnli_parallel``: translation pairs (`triplets.parallel_triplets`; not the paper's).
+* ``mst5_demo_cpu``: the CPU demo's data, ``mst5_xnli_cross`` + ``mst5_xnli_parallel``
+  concatenated into ONE task (`register_concatenated_task`), so that the seqio and numpy
+  pipelines give the demo identical batches (a seqio mixture would sample the two by rate).
 
 Splits are ``train`` and ``validation``; which files they read is `settings.train_source`.
 """
@@ -105,6 +108,45 @@ def register_triplet_mixture(name: str, task_names: Sequence[str], *, descriptio
     MIXTURES[name] = mix
     _notify(mix)
     return mix
+
+
+def register_concatenated_task(name: str, task_names: Sequence[str], *, description: str = "") -> TripletTask:
+    """Registers a task whose triplets are `task_names`' triplets concatenated in order, with
+    the group ids a mixture of them gets (`get_triplets`). Unlike a mixture, it is one task
+    for seqio too, so both pipelines visit it in the same order."""
+    unknown = [t for t in task_names if t not in TASKS]
+    if unknown:
+        raise KeyError(f"concatenated task {name!r}: unknown tasks {unknown}")
+    names = tuple(task_names)
+
+    def build(split: str, data_dir: pathlib.Path, seed: int) -> list[Triplet]:
+        return concat((TASKS[t].group_space.format(split=split), _build(TASKS[t], split, data_dir, seed))
+                      for t in names)
+
+    spaces = {TASKS[t].group_space for t in names}
+    return register_triplet_task(name, build, description=description,
+                                 splits=tuple(s for s in SPLITS if all(s in TASKS[t].splits for t in names)),
+                                 group_space=spaces.pop() if len(spaces) == 1 else None)
+
+
+def mixture_group_offsets(name: str, split: str, data_dir: Optional[pathlib.Path] = None,
+                          seed: int = 0) -> dict[str, int]:
+    """{task name: the offset `get_triplets` adds to its group ids} for mixture `name`
+    (`triplets.concat`'s rule: tasks of one group space share ids; each new space starts
+    past every id used so far). seqio's mixing applies the same offsets."""
+    split = normalize_split(split)
+    data_dir = settings.resolve_data_dir(data_dir)
+    offsets: dict[str, int] = {}
+    spaces: dict[str, int] = {}
+    next_free = 0
+    for t in MIXTURES[name].task_names:
+        space = TASKS[t].group_space.format(split=split)
+        if space not in spaces:
+            spaces[space] = next_free
+        offsets[t] = spaces[space]
+        part = _build(TASKS[t], split, data_dir, seed)
+        next_free = max(next_free, offsets[t] + 1 + max((x.group_id for x in part), default=-1))
+    return offsets
 
 
 def task_names() -> list[str]:
@@ -211,9 +253,9 @@ def _register_builtin() -> None:
                              description="mSimCSE's training set: cross-lingual XNLI + English NLI")
     register_triplet_task("mst5_xnli_parallel", _parallel, group_space="xnli:{split}",
                           description="XNLI premise translation pairs (not part of the paper's recipe)")
-    register_triplet_mixture("mst5_demo_cpu", ["mst5_xnli_cross", "mst5_xnli_parallel"],
-                             description="The CPU demo's data: mst5_xnli_cross plus mst5_xnli_parallel "
-                                         "translation pairs (not the paper's recipe)")
+    register_concatenated_task("mst5_demo_cpu", ["mst5_xnli_cross", "mst5_xnli_parallel"],
+                               description="The CPU demo's data: mst5_xnli_cross plus mst5_xnli_parallel "
+                                           "translation pairs, concatenated (not the paper's recipe)")
 
 
 _register_builtin()

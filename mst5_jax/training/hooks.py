@@ -123,7 +123,8 @@ class MetricsHook(Hook):
     Record fields: step, loss, accuracy, pos_sim, neg_sim, grad_norm (those the loss
     reports), learning_rate, step_time_s (mean over the steps since the last record),
     triplets_per_sec, tokens_per_sec (3 texts of max_length per triplet), num_devices, mfu
-    (model FLOP/s over `peak_tflops` x devices; None without peak_tflops).
+    (model FLOP/s over `peak_tflops` x devices; None without peak_tflops). The first
+    record a trainer writes also has data_pipeline ("seqio" or "numpy": what read the data).
     Only process 0 writes.
     """
 
@@ -144,6 +145,7 @@ class MetricsHook(Hook):
         if self.primary:
             truncate_metrics(self.path, trainer.start_step)
         self._t, self._step = time.perf_counter(), trainer.start_step
+        self._first = True
         self._bar = _progress_bar(trainer.cfg.train_steps, trainer.start_step)
 
     def after_step(self, trainer) -> None:
@@ -161,6 +163,9 @@ class MetricsHook(Hook):
                "num_devices": int(trainer.mesh.size),
                "mfu": (trainer.flops_per_triplet * cfg.batch_size / dt / (cfg.peak_tflops * 1e12 * trainer.mesh.size)
                        if cfg.peak_tflops else None)}
+        if self._first:
+            rec["data_pipeline"] = getattr(trainer, "data_pipeline", "numpy")
+            self._first = False
         self.write(rec)
         self.last = rec
         if self._bar is not None:

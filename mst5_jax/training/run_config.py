@@ -41,6 +41,7 @@ class TrainConfig:
     model_overrides: dict = dataclasses.field(default_factory=dict)
     vocab: Optional[str] = None
     mixture_or_task_name: str = "mst5_xnli_cross"
+    data_pipeline: str = "auto"  # 'auto' | 'seqio' | 'numpy': `tasks.train_data.resolve_pipeline`
     data_dir: Optional[str] = None
     max_length: int = 64
     batch_size: int = 32

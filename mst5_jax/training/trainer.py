@@ -1,6 +1,7 @@
 """The training loop: `Trainer(cfg).run()` builds a run from its `TrainConfig` and steps it.
 
-Data flows one way: task -> `tasks.pipeline.TripletIterator` (host-local numpy batches) ->
+Data flows one way: task -> `tasks.pipeline.TripletIterator` or, under DATA_PIPELINE
+seqio, `tasks.seqio_tasks.SeqioTripletIterator` (host-local numpy batches, the same for a task) ->
 global arrays on the mesh -> the jitted step (`mst5_jax.training.train_step`) -> hooks
 (`mst5_jax.training.hooks`: metrics.jsonl, orbax checkpoints, held-out evaluation,
 profiling, preemption). The trainer owns the state and the order of events; everything
@@ -43,6 +44,7 @@ from mst5_jax.training.run_lock import RunLock
 from mst5_jax.training.run_config import TrainConfig, encoder_config
 from mst5_jax.utils import files, fs, paths
 from tasks.pipeline import TripletIterator
+from tasks.train_data import make_train_iterator
 
 log = logging.getLogger("mst5_jax.train")
 
@@ -88,7 +90,8 @@ class Trainer:
         except BaseException:
             self.release_lock()
             raise
-        self.summary: dict[str, Any] = {"model_dir": str(self.model_dir), "start_step": self.start_step}
+        self.summary: dict[str, Any] = {"model_dir": str(self.model_dir), "start_step": self.start_step,
+                                        "data_pipeline": self.data_pipeline}
         self.metrics_hook = MetricsHook(self.model_dir / "metrics.jsonl", cfg.tensorboard, self.primary)
         self.hooks: list[Hook] = [PreemptionHook()]
         if cfg.profile_steps:
@@ -124,7 +127,10 @@ class Trainer:
             self.vocab = str(huggingface.resolve_model_dir(cfg.pretrained))
         else:
             self.vocab = default_vocab_path(self.data_dir)
-        self.data = self._iterator("train")
+        self.data, self.data_pipeline = make_train_iterator(
+            cfg.data_pipeline, cfg.mixture_or_task_name, self.data_dir, self.vocab, cfg.max_length, self.host_batch,
+            cfg.seed, shard_index=jax.process_index(), num_shards=jax.process_count())
+        log.info("data pipeline: %s (DATA_PIPELINE=%r)", self.data_pipeline, cfg.data_pipeline)
         self.tokenizer = self.data.tokenizer
 
     def _iterator(self, split: str) -> TripletIterator:
@@ -175,7 +181,7 @@ class Trainer:
             "encoder_config": dataclasses.asdict(self.encoder_config), "mode": cfg.mode,
             "lora": None if cfg.lora is None else dataclasses.asdict(cfg.lora),
             "base": self.base_info, "task": cfg.mixture_or_task_name, "vocab": self.vocab,
-            "vocab_sha256": self.tokenizer.fingerprint(),
+            "vocab_sha256": self.tokenizer.fingerprint(), "data_pipeline": self.data_pipeline,
             "best_metric": cfg.best_metric_name if cfg.eval_every else None, "best_mode": "max",
             "optimizer": dataclasses.asdict(cfg.optimizer), "loss": dataclasses.asdict(cfg.loss),
             "batch_size": cfg.batch_size, "schedule_steps": cfg.horizon, "seed": cfg.seed,
@@ -287,7 +293,7 @@ def host_data_state(saved: dict, epoch_size: int) -> dict:
     global position of the next global batch; host i of N starts i examples later, so a
     checkpoint restores on any process count."""
     position = int(saved["epoch"]) * epoch_size + int(saved["index"]) + jax.process_index()
-    return {"epoch": position // epoch_size, "index": position % epoch_size}
+    return {**saved, "epoch": position // epoch_size, "index": position % epoch_size}
 
 
 def run(cfg: TrainConfig, hooks: Sequence[Hook] = (), evaluator: Optional[Evaluator] = None) -> dict:
