@@ -130,13 +130,25 @@ PROGRESS_EVERY_S = 30.0
 
 
 def _with_progress(encode):
-    """`encode` that logs the sentences encoded so far every PROGRESS_EVERY_S seconds, so a long
-    task (Tatoeba: 112 languages, one encode call each) is not silent for minutes."""
+    """`encode` that shows progress, so a long task (Tatoeba: 112 languages, one encode call
+    each) is not silent for minutes: a tqdm bar of sentences encoded on a terminal, else a
+    log line every PROGRESS_EVERY_S seconds."""
     state = {"n": 0, "start": time.monotonic(), "last": time.monotonic()}
+    bar = None
+    if sys.stderr.isatty():
+        try:
+            from tqdm.auto import tqdm  # noqa: PLC0415 (the [eval] extra)
+
+            bar = tqdm(unit="sent", desc="evaluate", file=sys.stderr)
+        except ImportError:
+            pass
 
     def wrapped(sentences):
         out = encode(sentences)
         state["n"] += len(sentences)
+        if bar is not None:
+            bar.update(len(sentences))
+            return out
         now = time.monotonic()
         if now - state["last"] >= PROGRESS_EVERY_S:
             state["last"] = now
