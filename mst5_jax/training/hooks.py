@@ -335,8 +335,8 @@ class CheckpointHook(Hook):
             good = manifest.committed_steps(self.directory)
             raise OSError(
                 f"saving the step-{step} checkpoint under {self.directory} failed "
-                f"({type(e).__name__}: {e}). Is the disk full? The last complete checkpoint, "
-                f"step {max(good) if good else None}, is untouched; free space and rerun to resume.") from e
+                f"({type(e).__name__}: {e}). Is the disk full, or the path not writable? The last complete "
+                f"checkpoint, step {max(good) if good else None}, is untouched; fix the cause and rerun to resume.") from e
         trainer.call_hooks("on_save", step)
         manifest.write(self.directory / str(step))
 
