@@ -29,9 +29,7 @@ EXAMPLE = ("python -m mst5_jax.encode --model PATH --input corpus.txt --output c
 
 def build_parser() -> argparse.ArgumentParser:
     ap = cli.parser(PROG, __doc__, example=EXAMPLE)
-    ap.add_argument("--model", required=True, help="HF, sentence-transformers or training-run directory, or hub id")
-    ap.add_argument("--adapter", default=None, help="PEFT LoRA adapter directory")
-    ap.add_argument("--step", default="latest", help="for a training run: latest, best or a step number")
+    cli.add_model_flags(ap)
     ap.add_argument("--input", required=True, help="text file (one sentence per line) or JSON Lines with --field")
     ap.add_argument("--field", default=None, help="JSONL field holding the text (dotted path for nesting)")
     ap.add_argument("--output", required=True, help="OUT.npy, or a folder with --sharded")
@@ -41,7 +39,6 @@ def build_parser() -> argparse.ArgumentParser:
                     help="sentences sorted and encoded together inside a shard (progress granularity)")
     ap.add_argument("--batch_size", type=int, default=64, help="sentences per batch")
     ap.add_argument("--max_length", type=int, default=512, help="tokens per sentence incl. EOS; longer is truncated")
-    ap.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"), help="compute dtype")
     ap.add_argument("--normalize", action="store_true", help="L2-normalise the embeddings")
     ap.add_argument("--precision", default="float32", help=f"one of {PRECISIONS}")
     ap.add_argument("--max_shards", type=int, default=None, help="stop after writing this many new shards")

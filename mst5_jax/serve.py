@@ -34,10 +34,7 @@ EXAMPLE = ("python -m mst5_jax.serve --model google/mt5-xxl --adapter pkshatech/
 
 def build_parser() -> argparse.ArgumentParser:
     ap = cli.parser(PROG, __doc__, example=EXAMPLE)
-    ap.add_argument("--model", required=True, help="HF, sentence-transformers or training-run directory, or hub id")
-    ap.add_argument("--adapter", default=None, help="PEFT LoRA adapter directory")
-    ap.add_argument("--step", default="latest", help="for a training run: latest, best or a step number")
-    ap.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"), help="compute dtype")
+    cli.add_model_flags(ap)
     ap.add_argument("--model_name", default=None, help="name reported when a request names no model; "
                     "None: the --model folder's name")
     ap.add_argument("--host", default="127.0.0.1", help="bind address (0.0.0.0 exposes it to the network)")

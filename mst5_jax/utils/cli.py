@@ -63,6 +63,15 @@ def parser(prog: str, description: Optional[str], example: Optional[str] = None)
     return p
 
 
+def add_model_flags(p: argparse.ArgumentParser) -> None:
+    """``--model`` (required), ``--adapter``, ``--step`` and ``--dtype``: what a command that
+    loads one `SentenceEncoder.from_pretrained` model takes."""
+    p.add_argument("--model", required=True, help="HF, sentence-transformers or training-run directory, or hub id")
+    p.add_argument("--adapter", default=None, help="PEFT LoRA adapter directory")
+    p.add_argument("--step", default="latest", help="for a training run: latest, best or a step number")
+    p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"), help="compute dtype")
+
+
 def setup_logging(verbose: bool = False) -> None:
     """One log format for every command; third-party chatter only with ``--verbose``.
 
