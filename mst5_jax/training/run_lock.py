@@ -39,6 +39,11 @@ LOCK_FILE = ".lock"
 _held: set[str] = set()  # lock paths this process holds now (a second Trainer here refuses too)
 
 
+def _key(path) -> str:
+    """One name per lock file: absolute for a local path, the URL for gs://."""
+    return str(fs.absolute(path))
+
+
 def _proc_start(pid: int) -> Optional[int]:
     """The start time of `pid` in clock ticks since boot (Linux), or None where unknown."""
     try:
@@ -93,7 +98,7 @@ class RunLock:
                    "command": command if command is not None else " ".join([sys.executable, *sys.argv])}
         for _ in range(3):  # a lost race against another taker of the same stale lock: look again
             if cls._create(path, content):
-                _held.add(str(path))
+                _held.add(_key(path))
                 lock = cls(path, content)
                 atexit.register(lock.release)  # a Trainer built and never run still lets go at exit
                 return lock
@@ -167,7 +172,7 @@ class RunLock:
         if pid == os.getpid():
             # Ours: held by a live Trainer of this process (refuse), or left by one that was
             # built and never run or closed (stale).
-            return None if str(path) in _held else "left by this process"
+            return None if _key(path) in _held else "left by this process"
         if not _pid_alive(pid):
             return f"pid {pid} is not running"
         recorded, now = holder.get("proc_start"), _proc_start(pid)
@@ -177,7 +182,7 @@ class RunLock:
 
     def release(self) -> None:
         """Removes the lock if it is still ours (idempotent)."""
-        key = str(self.path.absolute())
+        key = _key(self.path)
         if key not in _held:
             return
         _held.discard(key)
