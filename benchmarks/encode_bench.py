@@ -1,6 +1,6 @@
 """End-to-end `SentenceEncoder.encode` vs sentence-transformers loading our own export.
 
-    PYTHONPATH=. MST5_DATA_DIR=/work/shared/data python benchmarks/encode_bench.py [--lines 2000]
+    PYTHONPATH=. MST5_DATA_DIR=../shared/data python benchmarks/encode_bench.py [--lines 2000]
         [--batch_size 64] [--max_length 128] [--repeats 2]
 
 One process, one model: a random mt5-small-shaped encoder (8 layers, d_model 512, 6 heads
