@@ -70,6 +70,27 @@ def test_emulator_variable_alone_configures_every_client(gcs):
     assert p.read_text() == "hello" and fs.list_files(gcs) == ["a/b.txt"]
 
 
+def test_emulator_speaks_the_generation_protocol_ocdbt_relies_on(gcs):
+    """OCDBT commits its manifest by a conditional write on the generation it read. Without
+    ``x-goog-generation`` on reads and ``ifGenerationMatch`` on writes (what the stock emulator
+    lacks) tensorstore hangs or fails with "Malformed StorageGeneration" (CI, 2026-12-05)."""
+    import tensorstore as ts
+
+    fs.configure()
+    bucket, prefix = gcs[len("gs://"):].split("/", 1)
+    kv = ts.KvStore.open({"driver": "gcs", "bucket": bucket, "path": prefix + "/"}).result()
+    missing = kv.read("k").result(timeout=30)
+    assert missing.state == "missing"
+    first = kv.write("k", b"a", if_equal=missing.stamp.generation).result(timeout=30)
+    assert first.generation, "a write conditioned on 'no object yet' succeeds"
+    lost_race = kv.write("k", b"b", if_equal=missing.stamp.generation).result(timeout=30)
+    assert lost_race.generation == b"", "the same condition fails once the object exists (412)"
+    read = kv.read("k").result(timeout=30)
+    assert (read.value, read.stamp.generation) == (b"a", first.generation)
+    kv.write("k", b"c", if_equal=read.stamp.generation).result(timeout=30)
+    assert kv.read("k").result(timeout=30).value == b"c"
+
+
 def test_orbax_arrays_round_trip_through_tensorstore(gcs):
     import orbax.checkpoint as ocp
 
