@@ -1,10 +1,12 @@
 """SentenceEncoder: parity with HF PyTorch through the tokenizer, round trips, compiles, bad input."""
+import math
+
 import numpy as np
 import pytest
 
 from fixtures_models import tiny_hf_model_dir  # noqa: F401
 from hf_reference import rel_err
-from mst5_jax.inference.encoder import TOKENS_PER_SENTENCE, SentenceEncoder, batch_rows, bucket_lengths
+from mst5_jax.inference.encoder import MIN_ROWS, TOKENS_PER_SENTENCE, SentenceEncoder, batch_rows
 
 SENTENCES = ["A man is playing a guitar.", "Un homme joue de la guitare.", "", "   ",
              "رجل يعزف على الجيتار", "x" * 3, "Ein Mann spielt Gitarre. " * 20]
@@ -73,6 +75,11 @@ def test_compiles_once_per_bucket_shape(tiny_hf_model_dir):
     real = sum(len(x) for x in enc.tokenize(sentences, 512))
     assert stats.sentences == 200 and stats.real_tokens == real and stats.truncated == 106
     assert stats.padded_tokens >= real and stats.padding_fraction == pytest.approx(1 - real / stats.padded_tokens)
+    # Padding bound, from the token lengths alone: a sentence is padded to under 1.5x its length
+    # (or 16), and each bucket pads fewer than MIN_ROWS rows of its longest length.
+    lengths = [len(x) for x in enc.tokenize(sentences, 512)]
+    per_sentence = sum(max(16, math.ceil(1.5 * n)) for n in lengths)
+    assert stats.padded_tokens <= per_sentence + (MIN_ROWS - 1) * sum({max(16, math.ceil(1.5 * n)) for n in lengths})
     enc.encode(sentences[:37], batch_size=16, max_length=512)  # a partial batch: padded, no new shapes
     assert set(enc.compiled_shapes) <= allowed
     # Input order is kept although batches are sorted by length.

