@@ -14,6 +14,11 @@ shape), then `--repeats` timed runs; the best is kept. It checks that the embedd
 (max relative difference <= 1e-5) and prints sentences/s, the padding fraction (padded token
 positions that are padding; sentence-transformers pads each batch of its length-sorted order to
 its longest member) and the ratio. Goal (docs/BENCHMARKS.md): ours >= 4x sentence-transformers.
+
+It also measures this machine's float32 matmul rate (a jitted [4096, 512] x [512, 1024] GEMM)
+and prints the floor: the real tokens' linear-layer FLOPs at that rate, the time no float32
+implementation of the same sentences can beat without changing the embeddings, and so the
+highest ratio reachable here.
 """
 import argparse
 import os
@@ -71,6 +76,26 @@ def st_padding(st, sentences: list[str], batch_size: int) -> float:
     order = np.argsort([-len(s) for s in sentences], kind="stable")
     padded = sum(len(b) * lens[b].max() for b in np.array_split(order, range(batch_size, len(order), batch_size)))
     return 1.0 - lens.sum() / padded
+
+
+def matmul_gflops(repeats: int = 20) -> float:
+    """This machine's float32 GEMM rate through XLA, GFLOP/s (best of `repeats` calls)."""
+    import jax  # noqa: PLC0415
+    import jax.numpy as jnp  # noqa: PLC0415
+
+    m, k, n = 4096, 512, 1024
+    a, b = jnp.ones((m, k), jnp.float32), jnp.ones((k, n), jnp.float32)
+    f = jax.jit(lambda a, b: a @ b)
+    f(a, b).block_until_ready()
+    best, _ = best_of(lambda: f(a, b).block_until_ready(), repeats)
+    return 2 * m * k * n / best / 1e9
+
+
+def linear_flops_per_token(cfg: dict) -> int:
+    """Multiply-adds x 2 of one token through the encoder's linear layers (attention's
+    q, k, v, o and the gated feed-forward's wi_0, wi_1, wo); attention scores excluded."""
+    inner = cfg["num_heads"] * cfg["d_kv"]
+    return 2 * cfg["num_layers"] * (4 * cfg["d_model"] * inner + 3 * cfg["d_model"] * cfg["d_ff"])
 
 
 def best_of(fn, repeats: int) -> tuple[float, np.ndarray]:
@@ -132,6 +157,12 @@ def main() -> None:
     print(f"| sentence-transformers (our export) | {n / t_st:.1f} | {t_st:.2f} | {pad_st:.1%} |")
     print(f"ratio {t_st / t_ours:.2f}x (goal >= 4x); max relative difference {err:.1e} (must be <= 1e-5); "
           f"our first call (compiles) {first_ours:.1f} s, {stats.batches} batches")
+    peak = matmul_gflops()
+    floor_s = stats.real_tokens * linear_flops_per_token(SMALL) / (peak * 1e9)
+    print(f"float32 matmul {peak:.0f} GFLOP/s here; ours ran {stats.padded_tokens * linear_flops_per_token(SMALL) / t_ours / 1e9:.0f} "
+          f"GFLOP/s on its padded positions, sentence-transformers about "
+          f"{stats.real_tokens / (1 - pad_st) * linear_flops_per_token(SMALL) / t_st / 1e9:.0f}. Floor: the real tokens alone "
+          f"take {floor_s:.1f} s at that rate, so no float32 encoder exceeds {t_st / floor_s:.2f}x here")
     if not err <= 1e-5:
         raise SystemExit(f"embeddings differ: max relative difference {err:.1e} > 1e-5")
 

@@ -2,6 +2,7 @@
 
     PYTHONPATH=. python benchmarks/mine_bench.py                    # 20k and 40k, 768-d, k=4, in-process
     PYTHONPATH=. python benchmarks/mine_bench.py --cli --sizes 40000 # through `python -m mst5_jax.mine`
+    PYTHONPATH=. python benchmarks/mine_bench.py --ours_only --sizes 100000  # ours alone, with peak memory
 
 Imports the package: install it (`pip install -e .`) or run with `PYTHONPATH=.` from the
 repository root. Data: random unit vectors with `--planted` noisy translation pairs.
@@ -70,6 +71,20 @@ def in_process(n: int, args) -> tuple[float, float]:
     return best["ours"], best["faiss"]
 
 
+def ours_only(n: int, args) -> tuple[float, float]:
+    """`mining.mine_pairs` alone (no baseline), with the process's peak resident memory."""
+    import resource  # noqa: PLC0415
+
+    x, y = data(n, args.d, min(args.planted, n // 2))
+    t0 = time.perf_counter()
+    pairs = mining.mine_pairs(x, y, k=args.k)
+    took = time.perf_counter() - t0
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
+    print(f"{n:,} x {n:,}: ours {took:.1f} s, peak RSS {peak:.2f} GB (inputs {(x.nbytes + y.nbytes) / 2**30:.2f} GB), "
+          f"{len(pairs.src):,} pairs", flush=True)
+    return took, float("nan")
+
+
 def cli(n: int, args) -> tuple[float, float]:
     x, y = data(n, args.d, min(args.planted, n // 2))
     with tempfile.TemporaryDirectory() as tmp:
@@ -97,13 +112,14 @@ def main() -> None:
     ap.add_argument("--planted", type=int, default=2000)
     ap.add_argument("--repeats", type=int, default=1, help="in-process: runs of each, best kept")
     ap.add_argument("--cli", action="store_true", help="time `python -m mst5_jax.mine` instead")
+    ap.add_argument("--ours_only", action="store_true", help="time `mining.mine_pairs` alone, with peak memory")
     args = ap.parse_args()
     import faiss
 
     print(f"d={args.d}, k={args.k}, {os.cpu_count()} CPUs ({platform.processor() or platform.machine()}), "
           f"numpy {np.__version__}, faiss {faiss.__version__}, {time.strftime('%Y-%m-%d')}", flush=True)
     for n in (int(s) for s in args.sizes.split(",")):
-        (cli if args.cli else in_process)(n, args)
+        (cli if args.cli else ours_only if args.ours_only else in_process)(n, args)
 
 
 if __name__ == "__main__":
