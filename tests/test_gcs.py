@@ -40,6 +40,12 @@ def gcs(emulator_url, monkeypatch, tmp_path):
     yield f"gs://{BUCKET}/{uuid.uuid4().hex[:12]}"
     assert not any(p.name == "gs:" for p in tmp_path.rglob("*")), "a local folder named gs: was written"
     assert not (REPO / "gs:").exists()
+    # `fs.configure` exported the emulator's URL for tensorstore into os.environ; take it back,
+    # or later tests' subprocesses inherit it as if a user had set it, and tensorstore talks to
+    # this (then stopped) emulator forever (CI, 2026-12-05 and 2026-12-07).
+    monkeypatch.delenv(fs.EMULATOR_ENV)
+    fs.configure()
+    assert all(name not in os.environ for name in (fs.TENSORSTORE_URL_ENV, fs.TENSORSTORE_TOKEN_ENV))
 
 
 def _hf_embed(model_dir, sentences, adapter=None):

@@ -31,7 +31,7 @@ import pytest
 
 from fixtures_models import tiny_hf_model_dir  # noqa: F401
 
-from mst5_jax.utils import paths
+from mst5_jax.utils import fs, paths
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 GUIDES = REPO / "docs" / "guides"
@@ -195,7 +195,9 @@ def test_guides_are_indexed_and_follow_the_conventions():
 @pytest.mark.parametrize("guide", GUIDE_FILES)
 def test_guide_commands_run_as_written(guide, tmp_path, data_dir, hub_cache, gcs):
     cwd = user_folder(tmp_path, data_dir)
-    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=1",
+    # A user's shell: nothing this test process exported for its own GCS clients.
+    inherited = {k: v for k, v in os.environ.items() if k not in (fs.TENSORSTORE_URL_ENV, fs.TENSORSTORE_TOKEN_ENV)}
+    env = dict(inherited, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=1",
                MST5_NO_SEQIO="1", HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", HF_HOME=str(hub_cache),
                HOME=str(tmp_path), PYTHONPATH=str(REPO), **gcs)
     if pathlib.Path(data_dir).resolve() == (REPO.parent / "shared" / "data").resolve():
