@@ -41,11 +41,11 @@ def _object_name(request) -> str | None:
     return None
 
 
-def _current_generation(storage, bucket: str, name: str) -> str | None:
+def _current_object(storage, bucket: str, name: str) -> dict | None:
     from gcp_storage_emulator.exceptions import NotFound
 
     try:
-        return str(storage.get_file_obj(bucket, name)["generation"])
+        return storage.get_file_obj(bucket, name)
     except NotFound:
         return None
 
@@ -58,7 +58,8 @@ def _with_generations(handler, *, read: bool):
         if "upload_id" in request.query:  # a later chunk: preconditions were checked at creation
             return handler(request, response, storage, *args, **kwargs)
         name = _object_name(request)
-        current = _current_generation(storage, request.params["bucket_name"], name) if name else None
+        obj = _current_object(storage, request.params["bucket_name"], name) if name else None
+        current = None if obj is None else str(obj["generation"])
         match = request.query.get("ifGenerationMatch", [None])[0]
         not_match = request.query.get("ifGenerationNotMatch", [None])[0]
         if match is not None and not (read and current is None):
@@ -69,8 +70,7 @@ def _with_generations(handler, *, read: bool):
         if read and not_match is not None and current is not None and not_match == current:
             response.status = HTTPStatus.NOT_MODIFIED
             return None
-        if read and current is not None:
-            obj = storage.get_file_obj(request.params["bucket_name"], name)
+        if read and obj is not None:
             response["x-goog-generation"] = current
             response["x-goog-metageneration"] = str(obj.get("metageneration", "1"))
         return handler(request, response, storage, *args, **kwargs)

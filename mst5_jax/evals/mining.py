@@ -78,12 +78,9 @@ def _block_candidates(s: np.ndarray, lower: np.ndarray, k: int, eps: np.float32)
     """
     r, m = s.shape
     g = m // _GROUP
-    if m < k:
-        thr = lower - 2 * eps
-        rows, cols = np.nonzero(s >= thr[:, None])
-        return rows, cols, s[rows, cols]
-    if g < k:  # a narrow block: its exact k-th largest, then one comparison
-        np.maximum(lower, np.partition(s, m - k, axis=1)[:, m - k], out=lower)
+    if g < k:  # a narrow block: its exact k-th largest (if it has k columns), one comparison
+        if m >= k:
+            np.maximum(lower, np.partition(s, m - k, axis=1)[:, m - k], out=lower)
         rows, cols = np.nonzero(s >= (lower - 2 * eps)[:, None])
         return rows, cols, s[rows, cols]
     gmax = s[:, : g * _GROUP].reshape(r, _GROUP, g).max(axis=1)  # gmax[i, c] = max_j s[i, j g + c]
