@@ -59,7 +59,7 @@ def in_process(n: int, args) -> tuple[float, float]:
     for rep in range(args.repeats):
         for name in (("ours", "faiss") if rep % 2 == 0 else ("faiss", "ours")):
             t0 = time.perf_counter()
-            pairs = mining.mine_pairs(x, y, k=args.k) if name == "ours" else faiss_plain(x, y, args.k)
+            pairs = mining.mine_pairs(x, y, k=args.k, precision=args.screen) if name == "ours" else faiss_plain(x, y, args.k)
             best[name] = min(best[name], time.perf_counter() - t0)
             if name == "ours":
                 ours = pairs
@@ -77,7 +77,7 @@ def ours_only(n: int, args) -> tuple[float, float]:
 
     x, y = data(n, args.d, min(args.planted, n // 2))
     t0 = time.perf_counter()
-    pairs = mining.mine_pairs(x, y, k=args.k)
+    pairs = mining.mine_pairs(x, y, k=args.k, precision=args.screen)
     took = time.perf_counter() - t0
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
     print(f"{n:,} x {n:,}: ours {took:.1f} s, peak RSS {peak:.2f} GB (inputs {(x.nbytes + y.nbytes) / 2**30:.2f} GB), "
@@ -113,11 +113,17 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=1, help="in-process: runs of each, best kept")
     ap.add_argument("--cli", action="store_true", help="time `python -m mst5_jax.mine` instead")
     ap.add_argument("--ours_only", action="store_true", help="time `mining.mine_pairs` alone, with peak memory")
+    ap.add_argument("--screen", default="auto", choices=mining.SCREENS, help="our screening GEMM precision")
     args = ap.parse_args()
     import faiss
 
+    # Both sides' libraries are loaded before any timing: faiss here, and the screening
+    # GEMM's (torch, for bfloat16) by screening two rows.
+    precision = mining.resolve_screen(args.screen)
+    mining.screen(np.ones((2, args.d), np.float32), np.ones((2, args.d), np.float32), precision)
     print(f"d={args.d}, k={args.k}, {os.cpu_count()} CPUs ({platform.processor() or platform.machine()}), "
-          f"numpy {np.__version__}, faiss {faiss.__version__}, {time.strftime('%Y-%m-%d')}", flush=True)
+          f"numpy {np.__version__}, faiss {faiss.__version__}, screening GEMM {precision}, "
+          f"{time.strftime('%Y-%m-%d')}", flush=True)
     for n in (int(s) for s in args.sizes.split(",")):
         (cli if args.cli else ours_only if args.ours_only else in_process)(n, args)
 

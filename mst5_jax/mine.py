@@ -5,7 +5,8 @@
 
 Scoring, backends and tie rules: `mst5_jax.evals.mining` and `mst5_jax.inference.mining`.
 `exact` (default) gives the result of the full float64 similarity matrix while holding at
-most `--block_elems` float32 similarities at once; `faiss` with `--faiss_index Flat` gives
+most `--block_elems` similarities at once per worker thread (`--screen` picks the GEMM that
+screens them); `faiss` with `--faiss_index Flat` gives
 the same pairs, IVF/HNSW indexes are approximate. Timings: docs/USING.md.
 
 Output TSV, one pair per line, best first, with a header:
@@ -59,6 +60,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="exact: blocked brute force (float64 scores); faiss: an index (--faiss_index)")
     ap.add_argument("--block_elems", type=int, default=mining.DEFAULT_BLOCK_ELEMS,
                     help="exact backend: float32 similarities held at once (4 bytes each, plus the candidates)")
+    ap.add_argument("--screen", default="auto", choices=mining.SCREENS,
+                    help="exact backend: precision of the screening GEMM (auto: bfloat16 where the CPU has "
+                         "bfloat16 dot instructions and torch is installed); the pairs do not depend on it")
     ap.add_argument("--faiss_index", default="Flat", help="faiss factory string, e.g. Flat, IVF4096,Flat, HNSW32")
     ap.add_argument("--nprobe", type=int, default=16, help="faiss IVF indexes: lists searched per query")
     ap.add_argument("--batch_size", type=int, default=64, help="sentences per batch when encoding with --model")
@@ -120,7 +124,7 @@ def _mine(args: argparse.Namespace) -> int:
         x, y = x[src_keep], y[tgt_keep]
     t0 = time.time()
     pairs = corpus_mining.mine(x, y, k=args.k, backend=args.backend, block_elems=args.block_elems,
-                               faiss_index=args.faiss_index, nprobe=args.nprobe)
+                               faiss_index=args.faiss_index, nprobe=args.nprobe, precision=args.screen)
     pairs = mining.MinedPairs(src=src_keep[pairs.src], trg=tgt_keep[pairs.trg], score=pairs.score)
     n = corpus_mining.write_tsv(args.output, pairs, src_lines, tgt_lines, args.threshold)
     log.info("mined %d x %d in %.1f s (%s); wrote %d of %d pairs%s to %s", len(src_keep), len(tgt_keep),

@@ -9,7 +9,11 @@ import pytest
 
 from mst5_jax.evals.bucc import bucc, read_bucc_corpus, read_bucc_gold
 from mst5_jax.evals.hash_encoder import hash_encode
-from mst5_jax.evals.mining import (apply_threshold, knn_both, l2_normalize, mine_pairs, optimal_threshold)
+from mst5_jax.evals import mining
+from mst5_jax.evals.mining import (apply_threshold, cosine_matrix, knn_both, l2_normalize, mine_pairs,
+                                   optimal_threshold)
+
+SCREENS = ("float32", "bfloat16")  # both screening GEMMs run here: torch is a pinned requirement
 
 
 def unit(x):
@@ -71,9 +75,10 @@ def brute_best_f1(scores, correct, num_gold):
 
 # --- kNN -------------------------------------------------------------------------------------
 
+@pytest.mark.parametrize("precision", SCREENS)
 @pytest.mark.parametrize("nx,ny,block_elems", [(23, 31, 7), (23, 31, 60), (23, 31, 1 << 22),
                                                 (130, 150, 1 << 22), (130, 150, 90 * 90)])
-def test_knn_both_matches_sorted_brute_force_with_ties(nx, ny, block_elems):
+def test_knn_both_matches_sorted_brute_force_with_ties(nx, ny, block_elems, precision):
     """Narrow blocks (exact k-th largest) and wide ones (group maxima, with a tail of columns
     that fills no group: 150 = 9 x 16 + 6, 130 = 8 x 16 + 2, 90 = 5 x 16 + 10)."""
     rng = np.random.default_rng(1)
@@ -82,7 +87,7 @@ def test_knn_both_matches_sorted_brute_force_with_ties(nx, ny, block_elems):
     y[5] = y[17] = y[30] = y[2]
     x[0] = 0  # a zero row: cosine 0 with everything, all ties
     k = 4
-    x2y_sim, x2y_ind, y2x_sim, y2x_ind = knn_both(l2_normalize(x), l2_normalize(y), k, block_elems=block_elems)
+    x2y_sim, x2y_ind, y2x_sim, y2x_ind = knn_both(l2_normalize(x), l2_normalize(y), k, block_elems, precision)
     S = slow_cos(x, y)
     ref_x, ref_y = slow_knn(S, k), slow_knn(S.T, k)
     np.testing.assert_array_equal(x2y_ind, ref_x)
@@ -91,9 +96,10 @@ def test_knn_both_matches_sorted_brute_force_with_ties(nx, ny, block_elems):
     np.testing.assert_array_equal(y2x_sim, np.take_along_axis(S.T, np.array(ref_y), 1))
 
 
-def test_knn_both_near_ties_below_float32_gemm_error():
+@pytest.mark.parametrize("precision", SCREENS)
+def test_knn_both_near_ties_below_float32_gemm_error(precision):
     """Cosines that differ by less than the float32 GEMM error (near-ties) and exact duplicates:
-    the float32 blocks must not decide the order; the float64 rescoring must."""
+    the screening blocks must not decide the order; the float64 rescoring must."""
     rng = np.random.default_rng(7)
     d, k = 96, 4
     y = rng.standard_normal((400, d)).astype(np.float32)
@@ -106,11 +112,77 @@ def test_knn_both_near_ties_below_float32_gemm_error():
     y[[10, 200, 399]] = y[5]  # exact duplicates: ties broken by index
     S = slow_cos(x, y)
     for block_elems in (64 * 64, 50 * 17, 1 << 22):
-        x2y_sim, x2y_ind, y2x_sim, y2x_ind = knn_both(l2_normalize(x), l2_normalize(y), k, block_elems=block_elems)
+        x2y_sim, x2y_ind, y2x_sim, y2x_ind = knn_both(l2_normalize(x), l2_normalize(y), k, block_elems, precision)
         np.testing.assert_array_equal(x2y_ind, slow_knn(S, k))
         np.testing.assert_array_equal(y2x_ind, slow_knn(S.T, k))
         np.testing.assert_array_equal(x2y_sim, np.take_along_axis(S, np.array(slow_knn(S, k)), 1))
         np.testing.assert_array_equal(y2x_sim, np.take_along_axis(S.T, np.array(slow_knn(S.T, k)), 1))
+
+
+def _bound_cases():
+    """Unit rows of three kinds: random (cosines near 0), near-parallel (cosines near 1, where
+    the relative part of a bound dominates) and with huge and tiny components."""
+    rng = np.random.default_rng(11)
+    rand = rng.standard_normal((300, 256)).astype(np.float32)
+    base = rng.standard_normal(256).astype(np.float32)
+    parallel = base + 0.02 * rng.standard_normal((300, 256)).astype(np.float32)
+    spiky = rng.standard_normal((300, 256)).astype(np.float32) * np.float32(1e-3)
+    spiky[:, :3] = rng.standard_normal((300, 3)) * 50
+    return {"random": rand, "near-parallel": parallel, "spiky": spiky}
+
+
+@pytest.mark.parametrize("precision", SCREENS)
+@pytest.mark.parametrize("case", ["random", "near-parallel", "spiky"])
+def test_screen_error_bound_holds_on_this_machines_gemm(precision, case):
+    """The bound `knn_both` relies on, checked against the float64 cosine on the GEMM that
+    actually runs here (torch/oneDNN for bfloat16, numpy's BLAS for float32)."""
+    a = l2_normalize(_bound_cases()[case])
+    x, y = a[:140], a[140:]
+    scr = mining.screen(x, y, precision)
+    s = scr.gemm(slice(0, 140), slice(0, 160))
+    err = np.abs(s.astype(np.float64) - cosine_matrix(x, y).astype(np.float64))
+    bound = scr.abs_err + scr.rel_err * np.abs(s.astype(np.float64))
+    assert s.dtype == np.float32 and s.shape == (140, 160)
+    assert (err <= bound).all(), float((err - bound).max())
+    if precision == "bfloat16":  # a bfloat16 GEMM really ran: errors far above float32's
+        assert err.max() > 1e-4
+        assert scr.rel_err == pytest.approx(2.0**-8, rel=0.01) and scr.abs_err < 0.01
+
+
+def test_screen_floor_keeps_exactly_what_can_reach_the_top():
+    """floor(lower): the smallest screened value s with s + a + b|s| >= lower - a - b|lower|."""
+    scr = mining.Screen("test", None, abs_err=0.01, rel_err=0.1)
+    for lower in (0.9, 0.05, -0.3, 0.0):
+        t = float(scr.floor(np.array([lower], np.float32))[0])
+        target = lower - 0.01 - 0.1 * abs(lower)
+        assert t + 0.01 + 0.1 * abs(t) >= target - 1e-6  # t itself is kept
+        above = t + 1e-4  # and just above it a little, entries could reach the target
+        assert above + 0.01 + 0.1 * abs(above) >= target
+        below = t - 1e-3  # well below it, none can
+        assert below + 0.01 + 0.1 * abs(below) < target
+    assert np.isneginf(scr.floor(np.array([-np.inf], np.float32))).all()
+
+
+def test_bfloat16_screen_without_its_margin_loses_neighbours(monkeypatch):
+    """The margin matters: with the bfloat16 screen's error bound set to zero, `knn_both`
+    misses true neighbours on random data; with it, it matches the brute force."""
+    rng = np.random.default_rng(3)
+    x = l2_normalize(rng.standard_normal((200, 96)).astype(np.float32))
+    y = l2_normalize(rng.standard_normal((300, 96)).astype(np.float32))
+    S, k = slow_cos(x, y), 4
+    real = mining.screen
+    monkeypatch.setattr(mining, "screen", lambda a, b, p: real(a, b, p)._replace(abs_err=0.0, rel_err=0.0))
+    assert not np.array_equal(knn_both(x, y, k, precision="bfloat16")[1], slow_knn(S, k))
+    monkeypatch.setattr(mining, "screen", real)
+    np.testing.assert_array_equal(knn_both(x, y, k, precision="bfloat16")[1], slow_knn(S, k))
+
+
+def test_resolve_screen():
+    assert mining.resolve_screen("float32") == "float32"
+    assert mining.resolve_screen("bfloat16") == "bfloat16"
+    assert mining.resolve_screen() == ("bfloat16" if mining._native_bf16_gemm() else "float32")
+    with pytest.raises(ValueError, match="screen precision 'int8'"):
+        mining.resolve_screen("int8")
 
 
 # --- mining ----------------------------------------------------------------------------------
@@ -125,11 +197,12 @@ def test_mine_pairs_hand_checked():
     np.testing.assert_allclose(mined.score, [2.0, 2.0, 2.0])
 
 
-def test_mine_pairs_matches_slow_on_random_data():
+@pytest.mark.parametrize("precision", SCREENS)
+def test_mine_pairs_matches_slow_on_random_data(precision):
     rng = np.random.default_rng(0)
     y = rng.normal(size=(60, 8)).astype(np.float32)
     x = (y[rng.permutation(60)[:45]] + 0.8 * rng.normal(size=(45, 8))).astype(np.float32)
-    mined = mine_pairs(x, y, k=4, block_elems=200)
+    mined = mine_pairs(x, y, k=4, block_elems=200, precision=precision)
     ref = slow_mine(x, y, 4)
     assert list(zip(mined.src.tolist(), mined.trg.tolist())) == [(i, j) for i, j, _ in ref]
     np.testing.assert_allclose(mined.score, [m for _, _, m in ref], rtol=1e-12)

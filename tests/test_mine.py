@@ -52,10 +52,11 @@ def planted(nx, ny, d, n_pairs, seed):
     return x, y, dict(zip(src.tolist(), trg.tolist()))
 
 
-def test_chunked_exact_equals_direct_2k_x_3k():
+@pytest.mark.parametrize("precision", ["float32", "bfloat16"])
+def test_chunked_exact_equals_direct_2k_x_3k(precision):
     x, y, gold = planted(2000, 3000, 64, 500, seed=0)
     ref = direct_mine(x, y, k=4)
-    got = mine.mine(x, y, k=4, backend="exact", block_elems=300_000)  # 20+ blocks
+    got = mine.mine(x, y, k=4, backend="exact", block_elems=300_000, precision=precision)  # 20+ blocks
     assert [(i, j) for i, j, _ in ref] == list(zip(got.src.tolist(), got.trg.tolist()))
     np.testing.assert_allclose(got.score, [s for _, _, s in ref], rtol=1e-6)
     top = set(zip(got.src[:500].tolist(), got.trg[:500].tolist()))
@@ -108,6 +109,7 @@ def test_cli_tsv_threshold_and_dedup(tiny_hf_model_dir, data_dir, tmp_path):
 
     rows = run()
     ref = direct_mine(x, y, 4)
+    assert run("--screen", "float32") == run("--screen", "bfloat16") == rows  # the screen decides no pair
     assert [(int(r[1]), int(r[2])) for r in rows] == [(i, j) for i, j, _ in ref]
     assert all(abs(float(r[0]) - s) < 2e-6 for r, (_, _, s) in zip(rows, ref))
     assert all(r[3] == zh[int(r[1])] and r[4] == en[int(r[2])] for r in rows)

@@ -13,14 +13,22 @@ Mining (Artetxe and Schwenk 2019, as used by LASER, XTREME and mSimCSE for BUCC)
 with knn_mean(x) the mean cosine of x to its k nearest neighbours on the other side.
 Each source sentence proposes its best-margin target among its k neighbours (forward),
 each target its best source (backward); the union of both lists, sorted by margin, is
-kept greedily 1-to-1. `knn_both` walks the similarity matrix in float32 GEMM blocks of at
-most ``block_elems`` entries, each computed once for both directions, and rescores only
-the final candidates in float64, so memory stays bounded for corpora of any size and the
-result is the one the float64 matrix gives.
+kept greedily 1-to-1. `knn_both` walks the similarity matrix in GEMM blocks of at most
+``block_elems`` entries, each computed once for both directions in a screening precision
+(bfloat16 where the CPU multiplies it natively, float32 otherwise), keeps every entry
+within the GEMM's proven error bound of a row's k best, and rescores only those in
+float64, so memory stays bounded for corpora of any size and the result is the one the
+float64 matrix gives, whatever the screening precision.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import functools
+import importlib.util
+import platform
+from concurrent.futures import ThreadPoolExecutor
+from typing import Callable, ContextManager, NamedTuple
 
 import numpy as np
 
@@ -54,38 +62,185 @@ def top1(query_unit: np.ndarray, target_unit: np.ndarray) -> np.ndarray:
     return np.argmax(cosine_matrix(query_unit, target_unit), axis=1)
 
 
-DEFAULT_BLOCK_ELEMS = 1 << 22  # 4M float32 similarities (16 MiB) per block
+DEFAULT_BLOCK_ELEMS = 1 << 22  # 4M similarities (16 MiB as float32) per block
+SCREENS = ("auto", "float32", "bfloat16")  # `knn_both`'s screening GEMM precisions
 _GROUP = 16  # entries per group in the cheap k-th-largest lower bound (see `_block_candidates`)
-_RESCORE_ROWS = 1 << 11  # candidate pairs rescored in float64 at once (2 x 2k x d x 8 bytes: cache-sized)
+_RESCORE_ROWS = 1 << 11  # candidate pairs rescored in float64 at once (2 x 2k x d x 4 bytes gathered)
 
 
-def _block_candidates(s: np.ndarray, lower: np.ndarray, k: int, eps: np.float32):
+class Screen(NamedTuple):
+    """A screening GEMM for `knn_both`.
+
+    ``gemm(xs, ys)`` is the float32 block of approximate cosines s between rows ``x[xs]`` and
+    ``y[ys]`` (two slices). Each is within ``abs_err + rel_err |s|`` of the cosine c that
+    `cosine_matrix` gives. A screen whose GEMM can run on one core per caller says how many
+    `workers` to run it on, and `one_core` limits its library to one thread meanwhile; the
+    float32 screen leaves threads to the BLAS (one worker).
+    """
+
+    precision: str
+    gemm: Callable[[slice, slice], np.ndarray]
+    abs_err: float
+    rel_err: float
+    workers: int = 1  # threads `knn_both` runs strips of blocks on, each GEMM on one core ...
+    one_core: Callable[[], ContextManager] = contextlib.nullcontext  # ... while this is entered
+
+    def floor(self, lower: np.ndarray) -> np.ndarray:
+        """The smallest screened value whose cosine may reach a row's k best, given `lower`
+        [r] float32, a lower bound of the row's k-th largest screened value.
+
+        k entries have s >= lower, so cosines >= L = lower - abs_err - rel_err |lower| (the
+        bound is monotone in s); an entry's cosine is at most s + abs_err + rel_err |s|, so
+        it can reach L only if s >= the returned value (rounded down, so float32
+        comparisons keep every such entry).
+        """
+        v = np.asarray(lower, np.float64)
+        low = v - 2 * self.abs_err - (self.rel_err * np.abs(v) if self.rel_err else 0.0)  # L - abs_err
+        t = np.where(low >= 0, low / (1 + self.rel_err), low / (1 - self.rel_err))
+        return (t - 2.0**-22 - 2.0**-22 * np.abs(t)).astype(np.float32)
+
+
+@functools.lru_cache(maxsize=None)
+def _native_bf16_gemm() -> bool:
+    """Whether torch is installed and this CPU has bfloat16 dot-product instructions
+    (x86 AVX512_BF16 or AMX-BF16, Arm BF16), so a bfloat16 GEMM runs at about twice the
+    float32 rate. Read from /proc/cpuinfo (Linux); elsewhere, False."""
+    try:
+        if importlib.util.find_spec("torch") is None:
+            return False
+    except (ImportError, ValueError):  # a blocked or half-imported torch
+        return False
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = set(f.read().split())
+    except OSError:
+        return False
+    if platform.machine().lower() in ("aarch64", "arm64"):
+        return "bf16" in flags
+    return bool(flags & {"avx512_bf16", "amx_bf16"})
+
+
+def resolve_screen(precision: str = "auto") -> str:
+    """`knn_both`'s screening precision: "auto" is "bfloat16" where `_native_bf16_gemm`, else
+    "float32". Both give the same neighbours and cosines; only the speed differs."""
+    if precision not in SCREENS:
+        raise ValueError(f"screen precision {precision!r}: expected one of {', '.join(SCREENS)}")
+    if precision == "auto":
+        return "bfloat16" if _native_bf16_gemm() else "float32"
+    return precision
+
+
+def _row_norm_max(a: np.ndarray, minus: np.ndarray | None = None, chunk: int = 1 << 16) -> float:
+    """max_i ||a_i|| (or ||a_i - minus_i||), rounded up past float32 summation error; read
+    in row chunks so no temporary of a whole side is held."""
+    best = np.float32(0)
+    for r0 in range(0, len(a), chunk):
+        c = a[r0 : r0 + chunk] if minus is None else a[r0 : r0 + chunk] - minus[r0 : r0 + chunk]
+        best = max(best, np.einsum("ij,ij->i", c, c).max(initial=np.float32(0)))
+    return float(np.sqrt(float(best) * (1 + (a.shape[1] + 2) * 2.0**-23)))
+
+
+def _float32_screen(x32: np.ndarray, y32: np.ndarray) -> Screen:
+    """float32 blocks (numpy BLAS). Any float32 dot of length d, in any summation order, is
+    within d 2^-24 |x| |y| of the exact one (the products are exact in float64, and each of
+    at most d roundings adds 2^-24 of a partial sum); the bound is doubled for margin, plus
+    the float32 rounding of the reference cosine."""
+    d = x32.shape[1]
+    scale = _row_norm_max(x32) * _row_norm_max(y32)
+    err = 2 * (d + 2) * 2.0**-24 * max(scale, 1.0) + 2.0**-23
+    return Screen("float32", lambda xs, ys: x32[xs] @ y32[ys].T, err, 0.0)
+
+
+def _bfloat16_screen(x32: np.ndarray, y32: np.ndarray) -> Screen:
+    """bfloat16 blocks (torch; oneDNN on x86): x and y rounded once to bfloat16 (x', y'),
+    multiplied with float32 accumulation, each result t rounded to bfloat16 (nearest, as
+    oneDNN's converters do). With norms taken as each side's largest row, the error against
+    the exact x . y, in any summation order, is at most
+      |x - x'| |y| + |x'| |y - y'|       (input rounding; the residuals are measured)
+      + 2 (d + 2) 2^-24 |x'| |y'|       (float32 accumulation, doubled for margin;
+                                        bfloat16 products are exact in float32)
+      + d 2^-120                        (denormals flushed to zero, if the unit does)
+      + 2^-23                           (the float32 rounding of the reference cosine)
+    and, relative to the result, 2^-8 |t| <= 2^-8 / (1 - 2^-8) |s| (bfloat16 keeps 8
+    significant bits). For unit rows the absolute part is about 0.003 (float32: 1e-4), so
+    more candidates reach the float64 rescoring, at twice the GEMM rate.
+    `tests/test_evals_mining.py` checks the bound against float64 on this machine's GEMM."""
+    import torch  # noqa: PLC0415 (optional: only where `resolve_screen` chose it or a caller asked)
+
+    d = x32.shape[1]
+    xb, yb = torch.from_numpy(x32).to(torch.bfloat16), torch.from_numpy(y32).to(torch.bfloat16)
+
+    def norms(a32: np.ndarray, ab, chunk: int = 1 << 16) -> tuple[float, float, float]:
+        """(max |a|, max |a'|, max |a - a'|) over rows, a' = ab in float32 (exact), by chunks."""
+        out = np.zeros(3)
+        for r0 in range(0, len(a32), chunk):
+            a, ar = a32[r0 : r0 + chunk], ab[r0 : r0 + chunk].float().numpy()
+            out = np.maximum(out, [_row_norm_max(a), _row_norm_max(ar), _row_norm_max(a, minus=ar)])
+        return tuple(out.tolist())
+
+    (_, nxr, rx), (ny, nyr, ry) = norms(x32, xb), norms(y32, yb)  # x - x' is exact in float32
+    abs_err = rx * ny + nxr * ry + 2 * (d + 2) * 2.0**-24 * nxr * nyr + d * 2.0**-120 + 2.0**-23
+    rel_err = 2.0**-8 / (1 - 2.0**-8)
+
+    def gemm(xs: slice, ys: slice) -> np.ndarray:
+        return torch.mm(xb[xs], yb[ys].T).float().numpy()
+
+    @contextlib.contextmanager
+    def one_core():
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            yield
+        finally:
+            torch.set_num_threads(threads)
+
+    return Screen("bfloat16", gemm, abs_err * (1 + 2.0**-20), rel_err * (1 + 2.0**-20),
+                  workers=torch.get_num_threads(), one_core=one_core)
+
+
+def screen(x32: np.ndarray, y32: np.ndarray, precision: str = "auto") -> Screen:
+    """The screening GEMM `knn_both` uses for float32 rows x [nx, d] and y [ny, d]."""
+    return (_bfloat16_screen if resolve_screen(precision) == "bfloat16" else _float32_screen)(x32, y32)
+
+
+def _merge_top(top: np.ndarray, values: np.ndarray) -> np.ndarray:
+    """Updates top [r, k] in place to the k largest of each row of [top, values]; returns its
+    smallest per row. When the values of top and those of `values` belong to distinct
+    entries, so do the kept ones, and the smallest is a lower bound of the row's k-th largest."""
+    k = top.shape[1]
+    merged = np.concatenate([top, values], axis=1)
+    top[:] = np.partition(merged, merged.shape[1] - k, axis=1)[:, -k:]
+    return top.min(axis=1)
+
+
+def _block_candidates(s: np.ndarray, top: np.ndarray, scr: Screen):
     """The entries of one similarity block s [r, m] that may be among their row's k largest.
 
     Args:
       s: float32 block (or a transposed view of one, for the other direction).
-      lower: float32 [r], a lower bound of each row's k-th largest over the blocks seen so
-        far (-inf at first); updated in place with this block.
-      k, eps: neighbours per row and the float32 GEMM error bound (see `knn_both`).
+      top: float32 [r, k], values of k distinct entries per row from the blocks seen so far
+        (-inf at first), so its row minimum bounds the row's k-th largest from below;
+        updated in place with this block.
+      scr: the screen that computed s (its error bound).
     Returns:
-      (rows, cols, values) of every entry >= lower - 2 eps, after the update.
+      (rows, cols, values) of every entry >= scr.floor(row minimum of top), after the update.
 
-    For blocks wider than k groups of `_GROUP`, the bound is the k-th largest of the group
-    maxima (k distinct groups each hold an entry >= it), with groups of strided entries so
-    each maximum is an elementwise max of contiguous slices; only groups whose maximum
-    passes the threshold are then read entry by entry. So the block is read twice in all
-    (the GEMM's write and one max pass), whatever k is.
+    For blocks wider than k groups of `_GROUP`, the block contributes its k largest group
+    maxima (k distinct entries), with groups of strided entries so each maximum is an
+    elementwise max of contiguous slices; only groups whose maximum passes the threshold are
+    then read entry by entry. So the block is read twice in all (the GEMM's write and one
+    max pass), whatever k is. Carrying k values across blocks, not one, makes the bound
+    the row's running k-th largest, so later blocks pass few entries.
     """
     r, m = s.shape
+    k = top.shape[1]
     g = m // _GROUP
-    if g < k:  # a narrow block: its exact k-th largest (if it has k columns), one comparison
-        if m >= k:
-            np.maximum(lower, np.partition(s, m - k, axis=1)[:, m - k], out=lower)
-        rows, cols = np.nonzero(s >= (lower - 2 * eps)[:, None])
+    if g < k:  # a narrow block: its own k largest entries (all of them if fewer), one comparison
+        thr = scr.floor(_merge_top(top, np.partition(s, m - k, axis=1)[:, m - k :] if m > k else s))
+        rows, cols = np.nonzero(s >= thr[:, None])
         return rows, cols, s[rows, cols]
     gmax = s[:, : g * _GROUP].reshape(r, _GROUP, g).max(axis=1)  # gmax[i, c] = max_j s[i, j g + c]
-    np.maximum(lower, np.partition(gmax, g - k, axis=1)[:, g - k], out=lower)
-    thr = lower - 2 * eps
+    thr = scr.floor(_merge_top(top, np.partition(gmax, g - k, axis=1)[:, g - k :]))
     gr, gc = np.nonzero(gmax >= thr[:, None])
     cols = (gc[:, None] + g * np.arange(_GROUP)[None, :]).ravel()
     rows = np.repeat(gr, _GROUP)
@@ -97,18 +252,18 @@ def _block_candidates(s: np.ndarray, lower: np.ndarray, k: int, eps: np.float32)
     return rows[keep], cols[keep], values[keep]
 
 
-def _finish_direction(q, t, v, lower, k, eps, q_unit, t_unit):
+def _finish_direction(q, t, v, lower, k, scr, q_unit, t_unit):
     """Exact top-k per query from float32 candidates (see `knn_both`).
 
-    q, t: int64 [c] query / target indices of candidate pairs; v: float32 [c] their float32
-    GEMM similarities; every pair with v >= (k-th largest v of its query) - 2 eps is present.
+    q, t: int64 [c] query / target indices of candidate pairs; v: float32 [c] their screened
+    similarities; every pair with v >= scr.floor(k-th largest v of its query) is present.
     lower: float32 [n_q], a lower bound of each query's k-th largest v (the blocks' final
-    one), so candidates below lower - 2 eps are dropped before anything is sorted.
+    one), so candidates below scr.floor(lower) are dropped before anything is sorted.
     Returns (sim [n_q, k] float32, ind [n_q, k] int64) in (descending cosine, ascending index)
     order, cosines as `cosine_matrix` computes them.
     """
     n_q = len(lower)
-    keep = v >= lower[q] - 2 * eps
+    keep = v >= scr.floor(lower)[q]
     q, t, v = q[keep], t[keep], v[keep]
     order = np.lexsort((-v, q))
     q, t, v = q[order], t[order], v[order]
@@ -117,13 +272,12 @@ def _finish_direction(q, t, v, lower, k, eps, q_unit, t_unit):
         raise AssertionError(f"knn: a row has {counts.min()} < {k} candidates (internal error)")
     starts = np.concatenate([[0], np.cumsum(counts)[:-1]])
     kth = v[starts + k - 1]  # each query's k-th largest float32 similarity
-    keep = v >= kth[q] - 2 * eps
+    keep = v >= scr.floor(kth)[q]
     q, t = q[keep], t[keep]
     exact = np.empty(len(q), np.float32)
     for c0 in range(0, len(q), _RESCORE_ROWS):
-        a = q_unit[q[c0 : c0 + _RESCORE_ROWS]].astype(np.float64)
-        b = t_unit[t[c0 : c0 + _RESCORE_ROWS]].astype(np.float64)
-        exact[c0 : c0 + _RESCORE_ROWS] = np.einsum("cd,cd->c", a, b).astype(np.float32)
+        a, b = q_unit[q[c0 : c0 + _RESCORE_ROWS]], t_unit[t[c0 : c0 + _RESCORE_ROWS]]
+        exact[c0 : c0 + _RESCORE_ROWS] = np.einsum("cd,cd->c", a, b, dtype=np.float64).astype(np.float32)
     order = np.lexsort((t, -exact, q))
     q, t, exact = q[order], t[order], exact[order]
     counts = np.bincount(q, minlength=n_q)
@@ -132,24 +286,26 @@ def _finish_direction(q, t, v, lower, k, eps, q_unit, t_unit):
     return exact[pick], t[pick].astype(np.int64)
 
 
-def knn_both(x_unit: np.ndarray, y_unit: np.ndarray, k: int, block_elems: int = DEFAULT_BLOCK_ELEMS):
+def knn_both(x_unit: np.ndarray, y_unit: np.ndarray, k: int, block_elems: int = DEFAULT_BLOCK_ELEMS,
+             precision: str = "auto"):
     """Exact k nearest neighbours by cosine, in both directions, from one pass over the matrix.
 
-    Each block of the similarity matrix is one float32 GEMM, computed once and read for both
-    directions (x -> y along its rows, y -> x along its columns). A block keeps only the
-    entries that can still be among a row's (column's) k best: those within 2 eps of a lower
-    bound of its k-th largest, where eps bounds the float32 GEMM's error against the float64
-    cosine (|error| <= d 2^-24 |x| |y| for any summation order, plus the float32 rounding).
-    The survivors, about k per row per block, are cut to those within 2 eps of each row's
-    final k-th largest and rescored in float64 (`cosine_matrix`'s definition), so neighbours,
-    order and cosines are the same as sorting the full float64 matrix: an entry left out is
-    at least 2 eps below k entries, so its exact cosine is strictly below the k-th best.
+    Each block of the similarity matrix is one screening GEMM (`screen`), computed once and
+    read for both directions (x -> y along its rows, y -> x along its columns). A block keeps
+    only the entries that can still be among a row's (column's) k best: those at or above
+    `Screen.floor` of a lower bound of its k-th largest, a margin that is the GEMM's proven
+    error bound twice. The survivors, a few per row per block, are cut against each row's
+    final k-th largest and rescored in float64 (`cosine_matrix`'s definition), so
+    neighbours, order and cosines are the same as sorting the full float64 matrix: an entry
+    left out has an exact cosine strictly below k others, whatever the screening precision.
 
     Args:
       x_unit: [nx, d] unit rows. y_unit: [ny, d] unit rows.
       k: neighbours per row (clipped to the other side's size).
-      block_elems: float32 similarities held at once (4 bytes each) besides the candidates:
+      block_elems: similarities held at once (4 bytes each) besides the candidates:
         O((nx + ny) k) per block column/row, more where many entries tie at the k-th value.
+      precision: the screening GEMM, one of `SCREENS` (see `resolve_screen`); the result
+        does not depend on it.
     Returns:
       x2y_sim [nx, k] float32, x2y_ind [nx, k] int64, y2x_sim [ny, k], y2x_ind [ny, k];
       each row ordered by descending cosine, then ascending index.
@@ -161,29 +317,50 @@ def knn_both(x_unit: np.ndarray, y_unit: np.ndarray, k: int, block_elems: int = 
         raise ValueError(f"knn on an empty side: {nx} x {ny}")
     if x32.ndim != 2 or y32.ndim != 2 or x32.shape[1] != y32.shape[1]:
         raise ValueError(f"knn needs [n, d] rows of one width: got {x32.shape} and {y32.shape}")
-    d = x32.shape[1]
-    # The largest row norms (squared norms by einsum: a fraction of np.linalg.norm's time).
-    scale = float(np.sqrt(np.einsum("ij,ij->i", x32, x32).max() * np.einsum("ij,ij->i", y32, y32).max()))
-    # Twice the worst-case float32 dot-product error bound, plus float32 rounding of the result.
-    eps = np.float32(2 * (d + 2) * 2.0**-24 * max(scale, 1.0) + 2.0**-23)
+    scr = screen(x32, y32, precision)
     kx, ky = min(k, ny), min(k, nx)
     side = max(1, int(np.sqrt(block_elems)))
-    bx = min(nx, side)
+    bx = min(nx, side, -(-nx // scr.workers))  # at least one strip of rows per worker
     by = min(ny, max(1, block_elems // bx))
-    run_x = np.full(nx, -np.inf, np.float32)  # lower bounds of each row's k-th largest so far
-    run_y = np.full(ny, -np.inf, np.float32)
-    cx, cy = [], []  # candidate (query, target, value) triples per direction
-    for x0 in range(0, nx, bx):
-        xs = x32[x0 : x0 + bx]
-        for y0 in range(0, ny, by):
-            s = xs @ y32[y0 : y0 + by].T  # [rx, ry] float32
-            rx, ry = s.shape
-            r, c, v = _block_candidates(s, run_x[x0 : x0 + rx], kx, eps)
-            cx.append((r + x0, c + y0, v))
-            c, r, v = _block_candidates(s.T, run_y[y0 : y0 + ry], ky, eps)
-            cy.append((c + y0, r + x0, v))
-    x2y = _finish_direction(*(np.concatenate(a) for a in zip(*cx)), run_x, kx, eps, x32, y32)
-    y2x = _finish_direction(*(np.concatenate(a) for a in zip(*cy)), run_y, ky, eps, y32, x32)
+    top_x = np.full((nx, kx), -np.inf, np.float32)  # per row, k distinct entries' values so far
+
+    def prune(triples: list, lower: np.ndarray) -> tuple:
+        """One (query, target, value) triple of arrays: those still above their query's floor."""
+        q, t, v = (np.concatenate(a) for a in zip(*triples))
+        keep = v >= scr.floor(lower)[q]
+        return q[keep], t[keep], v[keep]
+
+    def strips(first: int):
+        """One worker's share: every `workers`-th strip of bx rows, against all of y. Rows of
+        a strip belong to this worker alone; column bounds are its own (merged below). After
+        each strip, candidates that its bounds have overtaken are dropped (memory stays
+        O((nx + ny) k) rather than growing with the number of blocks)."""
+        top_y = np.full((ny, ky), -np.inf, np.float32)
+        cx, cy = [], []  # candidate (query, target, value) triples per direction
+        for x0 in range(first * bx, nx, scr.workers * bx):
+            strip = []
+            for y0 in range(0, ny, by):
+                s = scr.gemm(slice(x0, x0 + bx), slice(y0, y0 + by))  # [rx, ry] float32
+                rx, ry = s.shape
+                r, c, v = _block_candidates(s, top_x[x0 : x0 + rx], scr)
+                strip.append((r + x0, c + y0, v))
+                c, r, v = _block_candidates(s.T, top_y[y0 : y0 + ry], scr)
+                cy.append((c + y0, r + x0, v))
+            cx.append(prune(strip, top_x.min(axis=1)))
+            cy = [prune(cy, top_y.min(axis=1))]
+        return top_y, cx, cy
+
+    with scr.one_core(), ThreadPoolExecutor(scr.workers) as pool:  # numpy and the GEMM release the GIL
+        shares = list(pool.map(strips, range(min(scr.workers, -(-nx // bx)))))
+        # Workers saw disjoint rows of x, so their column tops are distinct entries: merge them.
+        low_y = _merge_top(shares[0][0], np.concatenate([t for t, _, _ in shares[1:]], axis=1)
+                           if len(shares) > 1 else np.empty((ny, 0), np.float32))
+        cx = [c for _, share, _ in shares for c in share]
+        cy = [c for _, _, share in shares for c in share]
+        x2y = pool.submit(_finish_direction, *(np.concatenate(a) for a in zip(*cx)), top_x.min(axis=1), kx, scr,
+                          x32, y32)
+        y2x = pool.submit(_finish_direction, *(np.concatenate(a) for a in zip(*cy)), low_y, ky, scr, y32, x32)
+        x2y, y2x = x2y.result(), y2x.result()
     return (*x2y, *y2x)
 
 
@@ -212,18 +389,20 @@ def margin_candidates(x2y_sim, x2y_ind, y2x_sim, y2x_ind):
     return fwd, bwd
 
 
-def mine_pairs(x: np.ndarray, y: np.ndarray, k: int = 4, block_elems: int = DEFAULT_BLOCK_ELEMS) -> MinedPairs:
+def mine_pairs(x: np.ndarray, y: np.ndarray, k: int = 4, block_elems: int = DEFAULT_BLOCK_ELEMS,
+               precision: str = "auto") -> MinedPairs:
     """LASER "mine" mode with max retrieval: union of forward and backward best, greedy 1-to-1.
 
     Args:
       x: [nx, d] source embeddings (raw; normalised here). y: [ny, d] target embeddings.
       k: neighbourhood size of the margin (4 for BUCC, as LASER/XTREME/mSimCSE).
+      block_elems, precision: `knn_both`'s memory bound and screening GEMM (no effect on the result).
     Ties: argmax over a neighbour list takes the earliest (most similar, lowest index);
     the union is sorted by descending score with a stable sort, forward candidates
     (in source order) before backward ones (in target order).
     """
     xu, yu = l2_normalize(x), l2_normalize(y)
-    return select_pairs(*knn_both(xu, yu, k, block_elems))
+    return select_pairs(*knn_both(xu, yu, k, block_elems, precision))
 
 
 def select_pairs(x2y_sim: np.ndarray, x2y_ind: np.ndarray, y2x_sim: np.ndarray, y2x_ind: np.ndarray) -> MinedPairs:

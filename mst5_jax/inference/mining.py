@@ -3,8 +3,9 @@ and the TSV writer used by `python -m mst5_jax.mine`.
 
 Scoring is LASER's margin ratio (`mst5_jax.evals.mining`). Backends for the k-nearest-
 neighbour search, the only part that grows with nx x ny:
-- `exact`: `evals.mining.knn_both`, float32 GEMM blocks computed once for both directions,
-  final candidates rescored in float64 (the result of the full float64 matrix).
+- `exact`: `evals.mining.knn_both`, GEMM blocks (bfloat16 or float32, `precision`) computed
+  once for both directions, final candidates rescored in float64 (the result of the full
+  float64 matrix, whatever the precision).
 - `faiss`: a faiss index over each side (a faiss factory string). "Flat" is exhaustive
   (faiss proposes candidates, rescored exactly, so the result equals `exact`); "IVF<n>,Flat"
   or "HNSW32" are approximate and serve millions of lines (`nprobe` trades speed for recall).
@@ -112,14 +113,14 @@ def knn_faiss(x_unit: np.ndarray, y_unit: np.ndarray, k: int, index: str = "Flat
 
 
 def mine(x: np.ndarray, y: np.ndarray, k: int = 4, backend: str = "exact",
-         block_elems: int = mining.DEFAULT_BLOCK_ELEMS, faiss_index: str = "Flat", nprobe: int = 16
-         ) -> mining.MinedPairs:
+         block_elems: int = mining.DEFAULT_BLOCK_ELEMS, faiss_index: str = "Flat", nprobe: int = 16,
+         precision: str = "auto") -> mining.MinedPairs:
     """Margin-ratio mining of raw embeddings x [nx, d] against y [ny, d] (see module docstring)."""
     if x.ndim != 2 or y.ndim != 2 or x.shape[1] != y.shape[1]:
         raise ValueError(f"embeddings must be [n, d] with the same d: got {x.shape} and {y.shape}")
     xu, yu = mining.l2_normalize(x), mining.l2_normalize(y)
     if backend == "exact":
-        knn = mining.knn_both(xu, yu, k, block_elems)
+        knn = mining.knn_both(xu, yu, k, block_elems, precision)
     elif backend == "faiss":
         knn = knn_faiss(xu, yu, k, faiss_index, nprobe)
     else:
