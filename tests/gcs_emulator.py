@@ -12,16 +12,21 @@ adds them, as documented for the JSON API:
 - media downloads carry ``x-goog-generation`` and ``x-goog-metageneration`` headers;
 - ``ifGenerationMatch`` (0: the object must not exist) and ``ifGenerationNotMatch`` are
   honoured on reads, uploads and deletes: 412 Precondition Failed, or 304 Not Modified for
-  a read whose generation is unchanged.
+  a read whose generation is unchanged. A write checks its precondition and completes under
+  one lock, so conditional writes are atomic as on GCS (the server handles requests in
+  threads).
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import socket
+import threading
 from http import HTTPStatus
 
 BUCKET = "mst5-test"
+_WRITES = threading.Lock()  # one conditional write at a time: check and write are one step
 
 
 def free_port() -> int:
@@ -55,6 +60,10 @@ def _with_generations(handler, *, read: bool):
 
     @functools.wraps(handler)
     def wrapped(request, response, storage, *args, **kwargs):
+        with contextlib.nullcontext() if read else _WRITES:
+            return checked(request, response, storage, *args, **kwargs)
+
+    def checked(request, response, storage, *args, **kwargs):
         if "upload_id" in request.query:  # a later chunk: preconditions were checked at creation
             return handler(request, response, storage, *args, **kwargs)
         name = _object_name(request)

@@ -97,6 +97,26 @@ def test_emulator_speaks_the_generation_protocol_ocdbt_relies_on(gcs):
     assert kv.read("k").result(timeout=30).value == b"c"
 
 
+def test_run_lock_on_gs_goes_to_exactly_one_of_racing_trainers(gcs):
+    """The gs:// run lock is created with ifGenerationMatch=0: eight takers that all found no
+    lock write at once, and the store lets exactly one through; the public `acquire` then
+    refuses, naming the winner."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from mst5_jax.training.run_lock import LOCK_FILE, RunLock
+    from mst5_jax.utils.cli import UserError
+
+    path = fs.as_path(f"{gcs}/run/{LOCK_FILE}")
+    takers = [{"host": f"node-{i}", "pid": 100 + i} for i in range(8)]
+    with ThreadPoolExecutor(8) as pool:
+        won = list(pool.map(lambda c: RunLock._create(path, c), takers))
+    assert sum(won) == 1
+    assert RunLock.read(path) == takers[won.index(True)]
+    with pytest.raises(UserError, match=f"in use by another trainer \\(host node-{won.index(True)}, pid"):
+        RunLock.acquire(f"{gcs}/run")
+    assert RunLock.read(path) == takers[won.index(True)]  # the refusal left the holder's record
+
+
 def test_orbax_arrays_round_trip_through_tensorstore(gcs):
     import orbax.checkpoint as ocp
 

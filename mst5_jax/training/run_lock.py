@@ -29,7 +29,7 @@ import socket
 import sys
 from typing import Optional
 
-from mst5_jax.utils import files, fs
+from mst5_jax.utils import fs
 from mst5_jax.utils.cli import UserError
 
 log = logging.getLogger("mst5_jax.train")
@@ -124,14 +124,11 @@ class RunLock:
     def _create(path: pathlib.Path, content: dict) -> bool:
         """Writes the lock with its content in one step; False if it exists.
 
-        On an object store (gs://) there is no exclusive create through gcsfs: the lock is
-        checked, then written, so two trainers started within the same second may both pass.
+        On gs:// the object is created with a generation precondition (`fs.create_object`):
+        of two trainers racing for one MODEL_DIR, the store lets exactly one write it.
         """
         if fs.is_remote(path):
-            if path.exists():
-                return False
-            files.write_text_atomic(path, json.dumps(content) + "\n")
-            return True
+            return fs.create_object(path, (json.dumps(content) + "\n").encode())
         tmp = path.with_name(f"{LOCK_FILE}.tmp-{os.getpid()}")
         tmp.write_text(json.dumps(content) + "\n")
         try:

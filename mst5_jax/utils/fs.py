@@ -265,6 +265,17 @@ def move(src: PathLike, dst: PathLike) -> None:
         shutil.move(os.fspath(src), os.fspath(dst))
 
 
+def create_object(url: PathLike, data: bytes) -> bool:
+    """Writes the ``gs://`` object `url` whole, only if no object has that name; False (and
+    nothing written) if one does. One request with ``ifGenerationMatch=0``, a precondition
+    the server checks, so of two writers racing for one name exactly one succeeds."""
+    try:
+        _gcs().pipe_file(os.fspath(url), data, mode="create")
+    except FileExistsError:  # gcsfs's answer to 412 Precondition Failed
+        return False
+    return True
+
+
 def _gcs():
     """The fsspec filesystem epath uses for gs:// (configured by `configure`)."""
     import fsspec  # noqa: PLC0415
