@@ -130,13 +130,10 @@ def resolve_screen(precision: str = "auto") -> str:
     return precision
 
 
-def _row_norm_max(a: np.ndarray, minus: np.ndarray | None = None, chunk: int = 1 << 16) -> float:
-    """max_i ||a_i|| (or ||a_i - minus_i||), rounded up past float32 summation error; read
-    in row chunks so no temporary of a whole side is held."""
-    best = np.float32(0)
-    for r0 in range(0, len(a), chunk):
-        c = a[r0 : r0 + chunk] if minus is None else a[r0 : r0 + chunk] - minus[r0 : r0 + chunk]
-        best = max(best, np.einsum("ij,ij->i", c, c).max(initial=np.float32(0)))
+def _row_norm_max(a: np.ndarray, minus: np.ndarray | None = None) -> float:
+    """max_i ||a_i|| (or ||a_i - minus_i||), rounded up past float32 summation error."""
+    c = a if minus is None else a - minus
+    best = np.einsum("ij,ij->i", c, c).max(initial=np.float32(0))
     return float(np.sqrt(float(best) * (1 + (a.shape[1] + 2) * 2.0**-23)))
 
 
@@ -171,7 +168,8 @@ def _bfloat16_screen(x32: np.ndarray, y32: np.ndarray) -> Screen:
     xb, yb = torch.from_numpy(x32).to(torch.bfloat16), torch.from_numpy(y32).to(torch.bfloat16)
 
     def norms(a32: np.ndarray, ab, chunk: int = 1 << 16) -> tuple[float, float, float]:
-        """(max |a|, max |a'|, max |a - a'|) over rows, a' = ab in float32 (exact), by chunks."""
+        """(max |a|, max |a'|, max |a - a'|) over rows, a' = ab in float32 (exact), by row
+        chunks so no float32 copy of a whole side is held."""
         out = np.zeros(3)
         for r0 in range(0, len(a32), chunk):
             a, ar = a32[r0 : r0 + chunk], ab[r0 : r0 + chunk].float().numpy()
@@ -324,10 +322,11 @@ def knn_both(x_unit: np.ndarray, y_unit: np.ndarray, k: int, block_elems: int = 
     by = min(ny, max(1, block_elems // bx))
     top_x = np.full((nx, kx), -np.inf, np.float32)  # per row, k distinct entries' values so far
 
-    def prune(triples: list, lower: np.ndarray) -> tuple:
-        """One (query, target, value) triple of arrays: those still above their query's floor."""
+    def prune(triples: list, top: np.ndarray, first: int = 0) -> tuple:
+        """One (query, target, value) triple of arrays: those still above their query's floor,
+        with top the [., k] values of queries first, first + 1, ..."""
         q, t, v = (np.concatenate(a) for a in zip(*triples))
-        keep = v >= scr.floor(lower)[q]
+        keep = v >= scr.floor(top.min(axis=1))[q - first]
         return q[keep], t[keep], v[keep]
 
     def strips(first: int):
@@ -346,15 +345,14 @@ def knn_both(x_unit: np.ndarray, y_unit: np.ndarray, k: int, block_elems: int = 
                 strip.append((r + x0, c + y0, v))
                 c, r, v = _block_candidates(s.T, top_y[y0 : y0 + ry], scr)
                 cy.append((c + y0, r + x0, v))
-            cx.append(prune(strip, top_x.min(axis=1)))
-            cy = [prune(cy, top_y.min(axis=1))]
+            cx.append(prune(strip, top_x[x0 : x0 + bx], x0))
+            cy = [prune(cy, top_y)]
         return top_y, cx, cy
 
     with scr.one_core(), ThreadPoolExecutor(scr.workers) as pool:  # numpy and the GEMM release the GIL
         shares = list(pool.map(strips, range(min(scr.workers, -(-nx // bx)))))
         # Workers saw disjoint rows of x, so their column tops are distinct entries: merge them.
-        low_y = _merge_top(shares[0][0], np.concatenate([t for t, _, _ in shares[1:]], axis=1)
-                           if len(shares) > 1 else np.empty((ny, 0), np.float32))
+        low_y = _merge_top(np.full((ny, ky), -np.inf, np.float32), np.concatenate([t for t, _, _ in shares], axis=1))
         cx = [c for _, share, _ in shares for c in share]
         cy = [c for _, _, share in shares for c in share]
         x2y = pool.submit(_finish_direction, *(np.concatenate(a) for a in zip(*cx)), top_x.min(axis=1), kx, scr,

@@ -325,8 +325,8 @@ class SentenceEncoder:
         lengths = np.fromiter((len(x) for x in ids), np.int64, count=n)
         order = np.argsort(-lengths, kind="stable")
         # Where each bucket's run of the sorted sentences ends (lengths are non-increasing).
-        run_end = {b: int(np.searchsorted(-lengths[order], -lo, side="left"))
-                   for lo, b in zip([0] + buckets[:-1], buckets)}
+        descending = -lengths[order]
+        run_end = {b: int(np.searchsorted(descending, -lo, side="left")) for lo, b in zip([0] + buckets[:-1], buckets)}
         in_flight: collections.deque = collections.deque()
         real = int(lengths.sum())
         padded = batches = start = 0

@@ -20,7 +20,7 @@ import numpy as np
 from mst5_jax.evals import mining
 from mst5_jax.utils.files import atomic_write
 
-RESCORE_ELEMS = 1 << 22  # float64 candidate entries gathered at once when rescoring faiss hits (32 MiB)
+RESCORE_ELEMS = 1 << 22  # float32 candidate entries gathered at once when rescoring faiss hits (16 MiB)
 _CHECK_ROWS = 1 << 16  # rows scanned at once for NaN/Inf (memory-mapped inputs stay lazy)
 
 
@@ -98,9 +98,8 @@ def knn_faiss(x_unit: np.ndarray, y_unit: np.ndarray, k: int, index: str = "Flat
         sim = np.empty(ind.shape, np.float32)
         rows = max(1, RESCORE_ELEMS // (k_search * base.shape[1]))
         for r0 in range(0, len(queries), rows):
-            q = queries[r0 : r0 + rows].astype(np.float64)
-            cand = base[ind[r0 : r0 + rows]].astype(np.float64)  # [rows, k_search, d]
-            sim[r0 : r0 + rows] = np.einsum("rd,rkd->rk", q, cand).astype(np.float32)
+            cand = base[ind[r0 : r0 + rows]]  # [rows, k_search, d]
+            sim[r0 : r0 + rows] = np.einsum("rd,rkd->rk", queries[r0 : r0 + rows], cand, dtype=np.float64)
         ind = ind.astype(np.int64)
         order = np.lexsort((ind, -sim), axis=-1)[:, :kk]
         return np.take_along_axis(sim, order, 1), np.take_along_axis(ind, order, 1)
