@@ -4,6 +4,8 @@ The slow references follow the LASER/XTREME recipe line by line in plain Python 
 neighbour lists, explicit loops and sets), sharing no code with mst5_jax.evals.mining
 beyond the definition of the cosine (float32 L2 normalisation, float32 dot).
 """
+import sys
+
 import numpy as np
 import pytest
 
@@ -177,12 +179,20 @@ def test_bfloat16_screen_without_its_margin_loses_neighbours(monkeypatch):
     np.testing.assert_array_equal(knn_both(x, y, k, precision="bfloat16")[1], slow_knn(S, k))
 
 
-def test_resolve_screen():
+def test_resolve_screen(monkeypatch):
     assert mining.resolve_screen("float32") == "float32"
     assert mining.resolve_screen("bfloat16") == "bfloat16"
     assert mining.resolve_screen() == ("bfloat16" if mining._native_bf16_gemm() else "float32")
     with pytest.raises(ValueError, match="screen precision 'int8'"):
         mining.resolve_screen("int8")
+    # A small job does not pay torch's import: float32 unless torch is already loaded.
+    monkeypatch.delitem(sys.modules, "torch", raising=False)
+    assert mining.resolve_screen("auto", macs=3000 * 3000 * 768) == "float32"
+    assert mining.resolve_screen("bfloat16", macs=3000 * 3000 * 768) == "bfloat16"
+    big = mining.resolve_screen("auto", macs=mining.BF16_MIN_MACS)
+    assert big == ("bfloat16" if mining._native_bf16_gemm() else "float32")
+    monkeypatch.setitem(sys.modules, "torch", object())
+    assert mining.resolve_screen("auto", macs=3000 * 3000 * 768) == big
 
 
 # --- mining ----------------------------------------------------------------------------------

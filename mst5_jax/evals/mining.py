@@ -27,6 +27,7 @@ import dataclasses
 import functools
 import importlib.util
 import platform
+import sys
 from concurrent.futures import ThreadPoolExecutor
 from typing import Callable, ContextManager, NamedTuple
 
@@ -120,13 +121,22 @@ def _native_bf16_gemm() -> bool:
     return bool(flags & {"avx512_bf16", "amx_bf16"})
 
 
-def resolve_screen(precision: str = "auto") -> str:
-    """`knn_both`'s screening precision: "auto" is "bfloat16" where `_native_bf16_gemm`, else
-    "float32". Both give the same neighbours and cosines; only the speed differs."""
+# Multiply-adds from which "auto" screens in bfloat16 although torch is not imported yet:
+# importing it takes about 1.3 s on the 2-core EPYC, what the bfloat16 GEMM saves on about
+# 2^38 of them (17k x 17k x 768); below that, and without bfloat16 units, float32 is faster.
+BF16_MIN_MACS = 2**38
+
+
+def resolve_screen(precision: str = "auto", macs: float = float("inf")) -> str:
+    """`knn_both`'s screening precision for `macs` multiply-adds (nx ny d). "auto" is
+    "bfloat16" where `_native_bf16_gemm` and either torch is already imported or the work
+    is at least `BF16_MIN_MACS`; else "float32". Both give the same neighbours and cosines;
+    only the speed differs."""
     if precision not in SCREENS:
         raise ValueError(f"screen precision {precision!r}: expected one of {', '.join(SCREENS)}")
     if precision == "auto":
-        return "bfloat16" if _native_bf16_gemm() else "float32"
+        worth_it = "torch" in sys.modules or macs >= BF16_MIN_MACS
+        return "bfloat16" if worth_it and _native_bf16_gemm() else "float32"
     return precision
 
 
@@ -198,7 +208,8 @@ def _bfloat16_screen(x32: np.ndarray, y32: np.ndarray) -> Screen:
 
 def screen(x32: np.ndarray, y32: np.ndarray, precision: str = "auto") -> Screen:
     """The screening GEMM `knn_both` uses for float32 rows x [nx, d] and y [ny, d]."""
-    return (_bfloat16_screen if resolve_screen(precision) == "bfloat16" else _float32_screen)(x32, y32)
+    macs = float(len(x32)) * len(y32) * x32.shape[1]
+    return (_bfloat16_screen if resolve_screen(precision, macs) == "bfloat16" else _float32_screen)(x32, y32)
 
 
 def _merge_top(top: np.ndarray, values: np.ndarray) -> np.ndarray:
